@@ -1,0 +1,132 @@
+"""Recognise an out-of-memory failure and give the memory back before the next try.
+
+The probe runs a training step at growing batch sizes and must tell "this batch did not fit" apart
+from every other failure. :func:`is_oom` makes that call: by exception type first, then, only for
+the backends that still raise a plain ``RuntimeError``, by the allocator's message.
+:func:`release_memory` drops gradients and empties the device caches so that the next, smaller step
+starts from a clean slate.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from autobatch.errors import AutobatchError
+
+__all__ = ["is_oom", "release_memory"]
+
+# torch.OutOfMemoryError is the device-generic name (CUDA, HIP, XPU, MPS); older torch has only the
+# CUDA one.
+_OOM_TYPES: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+    torch.cuda.OutOfMemoryError,
+    MemoryError,
+)
+
+# RuntimeError subclasses whose message is never an allocator's, however it is worded.
+# AutobatchError is autobatch's own verdict (e.g. NoBatchFitsError), not a failed step.
+_NOT_OOM_TYPES: tuple[type[BaseException], ...] = (
+    NotImplementedError,
+    RecursionError,
+    AutobatchError,
+)
+
+# Case-sensitive, as the backends spell them.
+_OOM_MESSAGES: tuple[str, ...] = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "HIP out of memory",
+    "HIP error: out of memory",
+    "XPU out of memory",
+    "XPU error: out of memory",
+    "MPS backend out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    # cuDNN reports a failed workspace allocation as "not supported"; in practice it is an OOM.
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Tell whether an exception means the step ran out of memory.
+
+    ``torch.OutOfMemoryError`` (and ``torch.cuda.OutOfMemoryError``) are recognised by type.
+    Python's ``MemoryError`` counts as well: it is raised when a host allocation fails, it can be
+    caught, and a smaller batch is the fix just as for a device OOM. Only then, for a
+    ``RuntimeError`` (including torch's subclasses such as ``torch.AcceleratorError``, but not
+    ``NotImplementedError``, ``RecursionError`` or autobatch's own errors), the message is searched
+    for the wording of the CUDA, HIP, XPU, MPS, CPU allocator, cuDNN and cuBLAS out-of-memory
+    failures. The exception's ``__cause__`` and ``__context__`` are not followed. Everything else
+    (shape errors, ``ValueError``, ``KeyboardInterrupt``, ...) is not an OOM.
+
+    Args:
+        exc: the exception caught around the step.
+
+    Returns:
+        ``True`` when a smaller batch may succeed where this one failed.
+
+    Example:
+        >>> is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        True
+        >>> is_oom(ValueError("bad input"))
+        False
+    """
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    if not isinstance(exc, RuntimeError) or isinstance(exc, _NOT_OOM_TYPES):
+        return False
+    message = str(exc)
+    return any(pattern in message for pattern in _OOM_MESSAGES)
+
+
+def release_memory(*optimizers_or_models: torch.optim.Optimizer | torch.nn.Module) -> None:
+    """Drop gradients, collect garbage and empty the device caches after an OOM.
+
+    Call it *after* the ``except`` block has been left: while the exception is being handled, its
+    traceback keeps the failed step's frames, and with them its activations, alive. Record the OOM
+    inside the ``except`` block and release outside it.
+
+    Args:
+        *optimizers_or_models: optimizers and modules whose gradients to set to ``None``; none is
+            fine.
+
+    Raises:
+        TypeError: an argument is neither a ``torch.optim.Optimizer`` nor a ``torch.nn.Module``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> failed = False
+        >>> try:
+        ...     model(torch.randn(8, 4)).sum().backward()
+        ... except Exception as exc:
+        ...     failed = is_oom(exc)
+        >>> release_memory(model, optimizer)
+        >>> model.weight.grad is None
+        True
+    """
+    # Check every argument before touching any, so that a bad call changes nothing.
+    for position, obj in enumerate(optimizers_or_models, start=1):
+        if not isinstance(obj, (torch.optim.Optimizer, torch.nn.Module)):
+            raise TypeError(
+                f"Expected argument {position} of release_memory to be a torch.optim.Optimizer "
+                f"or a torch.nn.Module, but got {type(obj).__qualname__}. Pass the objects "
+                "themselves, e.g. release_memory(model, optimizer)."
+            )
+    for obj in optimizers_or_models:
+        obj.zero_grad(set_to_none=True)
+
+    gc.collect()
+    # A cache is emptied only where the backend exists and (for CUDA) has been started: initialising
+    # a device just to empty it would allocate memory, not free it.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    mps_backend = getattr(torch.backends, "mps", None)
+    if mps_backend is not None and mps_backend.is_available():
+        torch.mps.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        xpu.empty_cache()

@@ -1,0 +1,311 @@
+"""The probe: run the real training step at growing batch sizes and find the largest that fits.
+
+Every trial runs :class:`~autobatch.step.Stepper` (the step the training loop runs) on the worst-case
+batch of that size, at steady state: one warm-up step first creates the optimizer state, so that Adam's
+moments already take their memory while a trial is measured. The search itself is the pure
+:func:`~autobatch.search.search`. Whatever happens, the model, optimizer, scaler and random generators
+are restored bit for bit before :func:`probe` returns or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobatch.data import SizeFn, as_source
+from autobatch.errors import NoBatchFitsError
+from autobatch.memory import DeviceMemory, format_bytes, parse_memory_limit, tensor_bytes
+from autobatch.oom import is_oom, release_memory
+from autobatch.result import ProbeResult
+from autobatch.search import OutOfMemory, Peaks, Trial, search
+from autobatch.state import snapshot
+from autobatch.step import LossFn, StepFn, Stepper, resolve_precision
+from autobatch.validate import check_model_and_optimizer, check_positive_int, resolve_device
+
+__all__ = ["ProbeResult", "apply_margin", "probe", "try_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
+    """Shrink the exact maximum by ``margin`` (a fraction) and round it down to ``multiple_of``.
+
+    When no multiple of ``multiple_of`` fits, the batch after the margin is kept (at least 1).
+
+    Example:
+        >>> apply_margin(100, 0.1, 8), apply_margin(100, 0.0, 1), apply_margin(5, 0.0, 8)
+        (88, 100, 5)
+    """
+    after_margin = max(1, math.floor(exact * (1.0 - margin)))
+    rounded = (after_margin // multiple_of) * multiple_of
+    return rounded if rounded >= 1 else after_margin
+
+
+class _Session:
+    """The validated setup shared by :func:`probe` and :func:`try_batch`: one step function, one device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None,
+        loss_fn: LossFn | None,
+        step_fn: StepFn | None,
+        precision: str,
+        memory_limit: int | str | None,
+        device: torch.device | str | None,
+        size_fn: SizeFn | None,
+        grad_clip: float | None,
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        limit = parse_memory_limit(memory_limit)
+        self.device = resolve_device(device, model)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model
+        self.optimizer = check_model_and_optimizer(model, optimizer)
+        self.source = as_source(data)
+        if step_fn is None:
+            self.source.check_labelled()
+        self.size_fn = size_fn
+        self.user_scaler = scaler
+        self.memory = DeviceMemory(self.device, limit, emulate=self.device.type != "cuda")
+        self.predict_limit = self.memory.limit
+        if self.predict_limit is None and self.device.type == "cuda":
+            self.predict_limit = torch.cuda.get_device_properties(self.device).total_memory
+        # The probe steps with a scaler of its own whose scale starts at 1: a first step skipped for
+        # inf gradients would not create the optimizer state that steady state needs.
+        fp16 = self.precision == "fp16"
+        probe_scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=fp16)
+        self.stepper = Stepper(
+            model,
+            self.optimizer,
+            self.memory,
+            self.precision,
+            loss_fn=loss_fn,
+            step_fn=step_fn,
+            grad_clip=grad_clip,
+            scaler=probe_scaler,
+        )
+        self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
+        self.steps = 0
+
+    def try_step(self, batch_size: int) -> Peaks:
+        """One full training step on the worst-case batch; raises OutOfMemory when it does not fit."""
+        batch = self.source.worst_case(batch_size, self.size_fn)
+        self.steps += 1
+        out_of_memory = False
+        try:
+            with self.memory.measure(self.stepper.state_tensors()) as measured:
+                self.stepper.backward(batch, 1.0)
+                backward_peak = measured.peak_so_far()
+                self.stepper.step()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            out_of_memory = True
+        # Memory is released only here, outside the except block, whose traceback holds the failed
+        # step's tensors.
+        if out_of_memory:
+            del batch
+            self.stepper.reset_after_oom()
+            release_memory(self.model, self.optimizer)
+            raise OutOfMemory
+        if measured.resident_bytes is not None:
+            self.model_state_bytes = max(self.model_state_bytes, measured.resident_bytes)
+        logger.debug("probe: batch %d fits, peak %s", batch_size, measured.peak_bytes)
+        return Peaks(measured.peak_bytes, backward_peak)
+
+    @contextlib.contextmanager
+    def steady_state(self) -> Iterator[bool]:
+        """Snapshot, cap memory and run the warm-up step; yields whether batch 1 fitted; restores all."""
+        snap = snapshot(self.model, self.optimizer, self.user_scaler)
+        try:
+            self.model.train()
+            with self.memory.capped():
+                try:
+                    self.try_step(1)  # creates the optimizer state: every trial then runs at steady state
+                except OutOfMemory:
+                    yield False
+                else:
+                    yield True
+        finally:
+            snap.restore()
+            release_memory(self.model, self.optimizer)
+
+    def nothing_fits(self) -> NoBatchFitsError:
+        return _nothing_fits(self.memory, self.precision, self.model_state_bytes)
+
+
+def probe(
+    model: nn.Module,
+    data: Any,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: LossFn | None = None,
+    step_fn: StepFn | None = None,
+    precision: str = "auto",
+    memory_limit: int | str | None = None,
+    device: torch.device | str | None = None,
+    max_batch: int | None = None,
+    margin: float = 0.0,
+    multiple_of: int = 1,
+    size_fn: SizeFn | None = None,
+    grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> ProbeResult:
+    """Find the largest micro-batch whose full training step fits in device memory.
+
+    Args:
+        model: the model, on the device to probe (its state is left bit-identical).
+        data: a map-style Dataset, a DataLoader (its dataset and collate_fn are used) or tensors ``(X, y)``;
+            batches are ``(inputs, targets)`` or dicts for ``model(**batch).loss``.
+        optimizer: the optimizer training will use (default: AdamW, lr 1e-3, on the trainable parameters).
+        loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
+        step_fn: ``step_fn(model, batch) -> loss``, replacing forward and loss.
+        precision: ``"auto"`` (fp16 + GradScaler on CUDA, bf16 elsewhere when supported, else fp32),
+            ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+        memory_limit: bytes or a string such as ``"8GiB"``; on CUDA the allocator is capped to it, on the
+            CPU it is the capacity of an emulated device (default: half of the available RAM).
+        device: the device to probe; by default the device of the model's parameters.
+        max_batch: never return more than this (it is tested before it is returned).
+        margin: a fraction of the exact maximum to leave free (0.1 returns 90 % of it).
+        multiple_of: round the result down to a multiple of this (8 suits tensor cores).
+        size_fn: ``size_fn(sample) -> float`` ranks samples so probe batches hold the largest ones
+            (default: the number of elements of the sample's tensors).
+        grad_clip: clip the gradient norm during the trial steps, as training will.
+        scaler: a GradScaler whose state must be left as it was; the probe steps with its own.
+
+    Returns:
+        A :class:`ProbeResult`; ``micro_batch`` is the batch size to train with.
+
+    Raises:
+        NoBatchFitsError: not even one sample fits.
+        TypeError, ValueError: a bad argument (the message names it).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        >>> X, y = torch.randn(512, 64), torch.randint(0, 10, (512,))
+        >>> result = probe(model, (X, y), memory_limit="2MiB", precision="fp32")
+        >>> 1 <= result.micro_batch <= 512
+        True
+    """
+    if max_batch is not None:
+        check_positive_int(max_batch, "max_batch")
+    check_positive_int(multiple_of, "multiple_of")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
+        raise ValueError(f"Expected `margin` to be a fraction in [0, 1), but got {margin!r}.")
+    session = _Session(
+        model,
+        data,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        step_fn=step_fn,
+        precision=precision,
+        memory_limit=memory_limit,
+        device=device,
+        size_fn=size_fn,
+        grad_clip=grad_clip,
+        scaler=scaler,
+    )
+    dataset_size = len(session.source)
+    cap = min(max_batch or dataset_size, dataset_size)
+    started = time.perf_counter()
+    outcome = None
+    with session.steady_state() as warm:
+        if warm:
+            outcome = search(session.try_step, cap=cap, limit=session.predict_limit)
+    if outcome is None or outcome.best == 0:
+        raise session.nothing_fits()
+    best = outcome.best
+    micro = apply_margin(best, margin, multiple_of)
+    capped_by = None
+    if best >= cap:
+        capped_by = "max_batch" if max_batch is not None and max_batch <= dataset_size else "dataset"
+    result = ProbeResult(
+        micro_batch=micro,
+        max_fitting_batch=best,
+        first_failure=outcome.first_failure,
+        capped_by=capped_by,
+        device=str(session.device),
+        precision=session.precision,
+        memory_limit=session.memory.limit,
+        limit_kind=session.memory.describe(),
+        trials=outcome.trials,
+        fixed_bytes=outcome.model.fixed_bytes if outcome.model else None,
+        bytes_per_sample=outcome.model.bytes_per_sample if outcome.model else None,
+        model_state_bytes=session.model_state_bytes,
+        steps=session.steps,
+        ooms=sum(not t.fitted for t in outcome.trials),
+        margin=float(margin),
+        multiple_of=multiple_of,
+        seconds=time.perf_counter() - started,
+    )
+    logger.info("probe: %s", result.summary())
+    return result
+
+
+def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> Trial:
+    """Run one steady-state training step at ``batch_size`` and report whether it fitted.
+
+    Takes the options of :func:`probe` (``optimizer``, ``loss_fn``, ``step_fn``, ``precision``,
+    ``memory_limit``, ``device``, ``size_fn``, ``grad_clip``, ``scaler``) and leaves the model untouched
+    in the same way. Useful to check a batch size in CI, or to verify a probe exhaustively.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(8, 2)
+        >>> X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+        >>> try_batch(model, (X, y), 64, memory_limit="1MiB", precision="fp32").fitted
+        True
+    """
+    check_positive_int(batch_size, "batch_size")
+    allowed = {
+        "optimizer": None, "loss_fn": None, "step_fn": None, "precision": "auto",
+        "memory_limit": None, "device": None, "size_fn": None, "grad_clip": None, "scaler": None,
+    }  # fmt: skip
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"try_batch() got unexpected options {unknown}; expected some of {sorted(allowed)}.")
+    session = _Session(model, data, **{**allowed, **options})
+    if batch_size > len(session.source):
+        raise ValueError(
+            f"Expected `batch_size` to be at most the dataset size {len(session.source)}, "
+            f"but got {batch_size}."
+        )
+    started = time.perf_counter()
+    with session.steady_state() as warm:
+        if not warm:
+            return Trial(batch_size, False, None, time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            peaks = session.try_step(batch_size)
+        except OutOfMemory:
+            return Trial(batch_size, False, None, time.perf_counter() - started)
+    return Trial(batch_size, True, peaks.step_bytes, time.perf_counter() - started, peaks.backward_bytes)
+
+
+def _nothing_fits(memory: DeviceMemory, precision: str, state: int) -> NoBatchFitsError:
+    limit = memory.limit
+    hints = ["a larger memory_limit", "a smaller model"]
+    if precision == "fp32":
+        hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
+    hints.append("an optimizer with less state (SGD instead of Adam)")
+    return NoBatchFitsError(
+        "Not even a batch of 1 sample fits: the training step ran out of memory under "
+        f"{format_bytes(limit) if limit is not None else 'the device capacity'}"
+        + f" with {format_bytes(state)} of model state"
+        + f" in {precision}. Try "
+        + ", ".join(hints)
+        + ".",
+        memory_limit=limit,
+        model_state_bytes=state,
+    )

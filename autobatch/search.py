@@ -1,0 +1,157 @@
+"""The batch-size search, a pure function over an injected ``try_step``.
+
+``try_step(batch_size)`` runs one training step and returns its measured :class:`Peaks` (fields ``None``
+where the backend cannot measure), or raises :class:`OutOfMemory` when the step did not fit.
+
+The search doubles from a small start until the first out-of-memory, then narrows the gap between the
+largest batch that fitted (``lo``) and the smallest that did not (``hi``). Wherever peaks were measured
+it fits ``peak ≈ fixed + per_sample × batch`` on the forward/backward peak (the part of the step that
+grows with the batch; the optimizer step's own peak does not) through the two largest batches that
+fitted, and jumps to the predicted maximum. A jump whose outcome contradicts the model (the predicted
+maximum ran out of memory, or the batch after it still fitted) is followed by a plain doubling or
+bisection step, so the worst case stays logarithmic while the usual case costs a handful of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["MemoryModel", "OutOfMemory", "Peaks", "SearchOutcome", "Trial", "fit_memory_model", "search"]
+
+MAX_GROWTH = 16
+"""Before the first out-of-memory, a model-predicted jump grows the batch by at most this factor."""
+
+
+class OutOfMemory(Exception):
+    """Raised by ``try_step`` when a batch did not fit."""
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """What one step used: the whole step's peak and the forward/backward peak, in bytes."""
+
+    step_bytes: int | None = None
+    backward_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One step the search ran."""
+
+    batch: int
+    fitted: bool
+    peak_bytes: int | None
+    seconds: float
+    backward_peak_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """``peak ≈ fixed_bytes + bytes_per_sample × batch``, fitted on measured forward/backward peaks."""
+
+    fixed_bytes: float
+    bytes_per_sample: float
+
+    def predict_max(self, limit: int) -> int | None:
+        """The largest batch the model says fits under ``limit``, or None when it cannot tell."""
+        if self.bytes_per_sample <= 0:
+            return None
+        return int((limit - self.fixed_bytes) // self.bytes_per_sample)
+
+
+@dataclass
+class SearchOutcome:
+    """The largest batch that fitted, the smallest that did not (None if none failed), every trial."""
+
+    best: int
+    first_failure: int | None
+    trials: list[Trial] = field(default_factory=list)
+    model: MemoryModel | None = None
+
+
+def fit_memory_model(trials: list[Trial]) -> MemoryModel | None:
+    """The line through the two largest fitted batches with a measured peak (None with fewer than two)."""
+    points = sorted(
+        {(t.batch, t.backward_peak_bytes) for t in trials if t.fitted and t.backward_peak_bytes is not None}
+    )
+    if len(points) < 2:
+        return None
+    (b0, m0), (b1, m1) = points[-2], points[-1]
+    slope = (m1 - m0) / (b1 - b0)
+    return MemoryModel(fixed_bytes=m1 - slope * b1, bytes_per_sample=slope)
+
+
+def search(
+    try_step: Callable[[int], Peaks],
+    *,
+    cap: int,
+    limit: int | None = None,
+    start: int = 1,
+    clock: Callable[[], float] | None = None,
+) -> SearchOutcome:
+    """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
+
+    Args:
+        try_step: runs one step at a batch size and returns its :class:`Peaks`; raises OutOfMemory.
+        cap: the largest batch allowed (``max_batch`` or the dataset size); tested before it is returned.
+        limit: the memory limit in bytes, used to predict the maximum from measured peaks.
+        start: the first batch size tried.
+        clock: a time source for ``Trial.seconds`` (``time.perf_counter`` by default).
+
+    Returns:
+        A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
+
+    Example:
+        >>> def step(b):
+        ...     if 1000 + 10 * b > 2000:
+        ...         raise OutOfMemory
+        ...     return Peaks(1000 + 10 * b, 1000 + 10 * b)
+        >>> outcome = search(step, cap=10_000, limit=2000)
+        >>> outcome.best, outcome.first_failure, len(outcome.trials)
+        (100, 101, 5)
+    """
+    if clock is None:
+        import time
+
+        clock = time.perf_counter
+    trials: list[Trial] = []
+    lo, hi = 0, None  # lo: the largest batch that fitted; hi: the smallest that did not
+
+    def run(batch: int) -> bool:
+        t0 = clock()
+        try:
+            peaks = try_step(batch)
+        except OutOfMemory:
+            trials.append(Trial(batch, False, None, clock() - t0))
+            return False
+        trials.append(Trial(batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes))
+        return True
+
+    candidate = max(1, min(start, cap))
+    expected: bool | None = None  # what the model predicted for the candidate (None: not model-based)
+    while True:
+        fitted = run(candidate)
+        if fitted:
+            lo = candidate
+        else:
+            hi = candidate
+        trust_model = expected is None or expected == fitted
+        if lo >= cap or (hi is not None and hi - lo <= 1) or hi == 1:
+            break
+        if lo == 0:  # the start did not fit: halve towards 1
+            candidate, expected = max(1, candidate // 2), None
+            continue
+        model = fit_memory_model(trials) if limit is not None else None
+        predicted_max = model.predict_max(limit) if (model is not None and limit is not None) else None
+        if predicted_max is None or not trust_model:
+            candidate, expected = (2 * lo if hi is None else (lo + hi) // 2), None
+        else:
+            # Test the predicted maximum; when the model says lo already is it, confirm lo + 1 fails.
+            candidate = max(predicted_max, lo + 1)
+            if hi is None:
+                candidate = min(candidate, MAX_GROWTH * lo)
+            candidate = min(candidate, hi - 1 if hi is not None else candidate)
+            expected = candidate <= predicted_max
+        candidate = min(candidate, cap)
+    return SearchOutcome(best=lo, first_failure=hi, trials=trials, model=fit_memory_model(trials))

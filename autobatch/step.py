@@ -1,0 +1,197 @@
+"""One training micro-step and one optimizer step, shared by the probe and the training loop.
+
+The probe measures exactly what the loop will run: the same autocast forward, loss, weighting, scaled
+backward, unscale, clipping, ``scaler.step`` and ``scaler.update`` (the order of nanoGPT's train.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobatch.memory import DeviceMemory
+
+__all__ = ["PRECISIONS", "Stepper", "compute_loss", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def _autocast_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        return False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.amp.autocast(device.type, dtype=dtype):
+            pass
+    return not any("not supported" in str(w.message) for w in caught)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Resolve ``precision`` for ``device`` to ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+
+    ``"auto"`` is fp16 (with a GradScaler) on CUDA, bf16 where the device's autocast supports it, and
+    fp32 otherwise.
+
+    Raises:
+        ValueError: ``precision`` is unknown, or the device's autocast does not support it.
+
+    Example:
+        >>> resolve_precision("auto", torch.device("cpu"))
+        'bf16'
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Expected `precision` to be one of {', '.join(map(repr, PRECISIONS))}, but got {precision!r}."
+        )
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if _autocast_supported(device, torch.bfloat16) else "fp32"
+    if precision != "fp32" and not _autocast_supported(device, _DTYPES[precision]):
+        raise ValueError(
+            f"`precision={precision!r}` is not supported by autocast on device {str(device)!r}. "
+            f"Use precision='auto' or 'fp32'."
+        )
+    return precision
+
+
+def compute_loss(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    step_fn: StepFn | None = None,
+) -> torch.Tensor:
+    """The loss of one batch, before any weighting.
+
+    * ``step_fn(model, batch)`` when given (the escape hatch for anything else);
+    * a dict batch (Hugging Face style): ``model(**batch).loss``;
+    * a sequence ``(*inputs, targets)``: ``loss_fn(model(*inputs), targets)``, cross-entropy by default.
+    """
+    if step_fn is not None:
+        return step_fn(model, batch)
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "A dict batch is passed as model(**batch), whose output must carry a `loss` (as "
+                "Hugging Face models do when the batch has `labels`); got an output without one. "
+                "Pass `step_fn=lambda model, batch: ...` to compute the loss yourself."
+            )
+        return loss
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        *inputs, targets = batch
+        output = model(*inputs)
+        fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        return fn(output, targets)
+    raise ValueError(
+        "Expected each batch to be a dict or a sequence (inputs, targets), but got "
+        f"{type(batch).__name__}. Pass `step_fn=lambda model, batch: loss` for other layouts."
+    )
+
+
+class Stepper:
+    """Runs micro-steps and optimizer steps of one model on one device in one precision.
+
+    Args:
+        model: the model, already on ``memory.device``.
+        optimizer: its optimizer.
+        memory: the device memory the batches are moved to.
+        precision: a resolved precision (see :func:`resolve_precision`).
+        loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
+        step_fn: ``step_fn(model, batch) -> loss`` replaces the forward and loss entirely.
+        grad_clip: clip the gradient norm to this value after unscaling, or ``None``.
+        scaler: the GradScaler to use; by default one enabled only for fp16.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        memory: DeviceMemory,
+        precision: str,
+        *,
+        loss_fn: LossFn | None = None,
+        step_fn: StepFn | None = None,
+        grad_clip: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.memory = memory
+        self.precision = precision
+        self.loss_fn = loss_fn
+        self.step_fn = step_fn
+        self.grad_clip = grad_clip
+        self.device_type = memory.device.type
+        self.dtype = _DTYPES[precision]
+        if scaler is None:
+            scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        self.scaler = scaler
+
+    def autocast(self) -> torch.autocast:
+        """The autocast region of the forward pass (disabled in fp32)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.precision != "fp32")
+
+    def backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
+        """Forward and scaled backward of one micro-batch; returns its unweighted loss, detached.
+
+        ``weight`` is the micro-batch's share of the effective batch (its samples or items over the
+        step's total), so that the accumulated gradient equals the gradient of the whole batch.
+        """
+        batch = self.memory.transfer(batch)
+        with self.autocast():
+            loss = compute_loss(self.model, batch, self.loss_fn, self.step_fn)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"Expected the loss to be a scalar tensor, but got {shape}.")
+        self.scaler.scale(loss * weight).backward()
+        return loss.detach()
+
+    def step(self) -> bool:
+        """Unscale, clip, step and update once per effective batch; True unless the step was skipped.
+
+        A step is skipped when the scaled gradients hold inf or NaN (fp16 only); the scaler then lowers
+        its scale, which is how a skip is detected.
+        """
+        scaler = self.scaler
+        if self.grad_clip is not None:
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if scaler.is_enabled():
+            before = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            applied = scaler.get_scale() >= before
+        else:
+            self.optimizer.step()
+            applied = True
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def reset_after_oom(self) -> None:
+        """Forget a step that ran out of memory half-way (gradients and the scaler's per-step stage)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        # GradScaler has no public reset of its per-optimizer stage ("unscaled", "stepped"); a step
+        # interrupted between unscale_ and update would otherwise make the next unscale_ raise.
+        per_optimizer = getattr(self.scaler, "_per_optimizer_states", None)
+        if per_optimizer is not None:
+            per_optimizer.clear()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the step keeps on the device between steps (the emulated device's residents)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        tensors += [v for v in vars(self.scaler).values() if isinstance(v, torch.Tensor)]
+        return tensors
