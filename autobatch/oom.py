@@ -10,12 +10,16 @@ starts from a clean slate.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-from autobatch.errors import AutobatchError
+from autobatch.errors import AutobatchError, NoBatchFitsError
 
-__all__ = ["is_oom", "release_memory"]
+__all__ = ["is_oom", "release_memory", "run_shrinking"]
+
+T = TypeVar("T")
 
 # torch.OutOfMemoryError is the device-generic name (CUDA, HIP, XPU, MPS); older torch has only the
 # CUDA one.
@@ -130,3 +134,54 @@ def release_memory(*optimizers_or_models: torch.optim.Optimizer | torch.nn.Modul
     xpu = getattr(torch, "xpu", None)
     if xpu is not None and xpu.is_available():
         xpu.empty_cache()
+
+
+def run_shrinking(
+    run: Callable[[int], T],
+    size: int,
+    *,
+    release: Callable[[], None],
+    on_shrink: Callable[[int, int], None] | None = None,
+    what: str = "step",
+) -> tuple[T, int]:
+    """Call ``run(size)``; on out-of-memory release memory, halve ``size`` and call it again.
+
+    The retry happens after the ``except`` block has been left, so the failed attempt's tensors are
+    gone before the smaller one starts. Any other exception propagates unchanged.
+
+    Args:
+        run: the work at one batch size; it must leave nothing half-done when it raises.
+        size: the batch size to try first.
+        release: frees what a failed attempt left (gradients, caches); called before each retry.
+        on_shrink: told ``(old_size, new_size)`` before each retry.
+        what: what ``run`` does, for the error message.
+
+    Returns:
+        ``run``'s result and the size that succeeded.
+
+    Raises:
+        NoBatchFitsError: ``run(1)`` ran out of memory too.
+
+    Example:
+        >>> def run(n):
+        ...     if n > 3:
+        ...         raise torch.OutOfMemoryError("too big")
+        ...     return n * 10
+        >>> run_shrinking(run, 16, release=lambda: None)
+        (30, 2)
+    """
+    while True:
+        failure = None
+        try:
+            return run(size), size
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            failure = str(exc)
+        release()
+        if size <= 1:
+            raise NoBatchFitsError(f"The {what} ran out of memory even with a batch of 1 sample: {failure}")
+        smaller = max(1, size // 2)
+        if on_shrink is not None:
+            on_shrink(size, smaller)
+        size = smaller

@@ -65,8 +65,10 @@ class _Session:
         size_fn: SizeFn | None,
         grad_clip: float | None,
         scaler: torch.amp.GradScaler | None,
+        accumulate: bool,
     ) -> None:
         limit = parse_memory_limit(memory_limit)
+        self.accumulate = bool(accumulate)
         self.device = resolve_device(device, model)
         self.precision = resolve_precision(precision, self.device)
         self.model = model
@@ -104,7 +106,10 @@ class _Session:
         out_of_memory = False
         try:
             with self.memory.measure(self.stepper.state_tensors()) as measured:
-                self.stepper.backward(batch, 1.0)
+                if self.accumulate:
+                    # A micro-step after the first adds onto existing gradients: measure that one too.
+                    self.stepper.backward(batch, 0.5)
+                self.stepper.backward(batch, 0.5 if self.accumulate else 1.0)
                 backward_peak = measured.peak_so_far()
                 self.stepper.step()
         except Exception as exc:
@@ -160,6 +165,7 @@ def probe(
     size_fn: SizeFn | None = None,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    accumulate: bool = True,
 ) -> ProbeResult:
     """Find the largest micro-batch whose full training step fits in device memory.
 
@@ -182,6 +188,9 @@ def probe(
             (default: the number of elements of the sample's tensors).
         grad_clip: clip the gradient norm during the trial steps, as training will.
         scaler: a GradScaler whose state must be left as it was; the probe steps with its own.
+        accumulate: measure a micro-step that adds onto existing gradients, as every micro-step after
+            the first of an accumulated batch does (a little more memory); ``False`` when training
+            will not accumulate.
 
     Returns:
         A :class:`ProbeResult`; ``micro_batch`` is the batch size to train with.
@@ -215,6 +224,7 @@ def probe(
         size_fn=size_fn,
         grad_clip=grad_clip,
         scaler=scaler,
+        accumulate=accumulate,
     )
     dataset_size = len(session.source)
     cap = min(max_batch or dataset_size, dataset_size)
@@ -257,8 +267,8 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> T
     """Run one steady-state training step at ``batch_size`` and report whether it fitted.
 
     Takes the options of :func:`probe` (``optimizer``, ``loss_fn``, ``step_fn``, ``precision``,
-    ``memory_limit``, ``device``, ``size_fn``, ``grad_clip``, ``scaler``) and leaves the model untouched
-    in the same way. Useful to check a batch size in CI, or to verify a probe exhaustively.
+    ``memory_limit``, ``device``, ``size_fn``, ``grad_clip``, ``scaler``, ``accumulate``) and leaves the
+    model untouched in the same way. Useful to check a batch size in CI, or to verify a probe exhaustively.
 
     Example:
         >>> import torch
@@ -271,6 +281,7 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> T
     allowed = {
         "optimizer": None, "loss_fn": None, "step_fn": None, "precision": "auto",
         "memory_limit": None, "device": None, "size_fn": None, "grad_clip": None, "scaler": None,
+        "accumulate": True,
     }  # fmt: skip
     unknown = sorted(set(options) - set(allowed))
     if unknown:
