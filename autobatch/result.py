@@ -1,14 +1,16 @@
-"""What the probe returns: data first, rendered as a rich table only at the edge."""
+"""What the probe and fit return: data first, rendered as rich tables only at the edge."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from autobatch.evaluate import EvalReport
 from autobatch.memory import format_bytes
+from autobatch.plan import Plan
 from autobatch.search import Trial
 
-__all__ = ["ProbeResult", "Trial"]
+__all__ = ["Backoff", "FitResult", "ProbeResult", "Trial"]
 
 
 def _bytes(n: float | None) -> str:
@@ -76,7 +78,7 @@ class ProbeResult:
     def __rich__(self) -> Any:
         from rich.table import Table
 
-        table = Table(title=f"autobatch probe — {self.summary()}", title_justify="left")
+        table = Table(title=f"autobatch probe: micro-batch {self.micro_batch}", title_justify="left")
         table.add_column("batch", justify="right")
         table.add_column("fits")
         table.add_column("peak", justify="right")
@@ -88,10 +90,107 @@ class ProbeResult:
                 _bytes(trial.peak_bytes),
                 f"{trial.seconds:.3f}",
             )
-        caption = [f"limit {self.limit_kind}", f"model state {_bytes(self.model_state_bytes)}"]
+        caption = [
+            self.summary(),
+            f"limit {self.limit_kind}",
+            f"model state {_bytes(self.model_state_bytes)}",
+        ]
         if self.bytes_per_sample is not None:
             caption.append(f"memory ≈ {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch")
         if self.margin or self.multiple_of > 1:
             caption.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
         table.caption = " · ".join(caption)
+        return table
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """A change of the training micro-batch: an out-of-memory back-off, or a regrowth after clean steps."""
+
+    epoch: int
+    step: int
+    from_micro: int
+    to_micro: int
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`autobatch.fit`.
+
+    Attributes:
+        probe: the probe's result (``None`` when ``micro_batch`` was given).
+        plan: the plan training started with.
+        final_plan: the plan in force at the end (after back-offs and regrowths).
+        losses: the loss of every optimizer step, averaged over its effective batch.
+        skipped_steps: optimizer steps skipped by the GradScaler for inf/NaN gradients.
+        backoffs: out-of-memory back-offs during training (epoch, step, from, to).
+        regrowths: micro-batch increases back towards the probed size after clean steps.
+        evals: one evaluation report per epoch when ``eval_data`` was given.
+        epochs: epochs trained.
+        steps: optimizer steps run (skipped ones included).
+        samples: training samples processed (each once per epoch).
+        train_seconds: wall time of the training epochs (probe and evaluation excluded).
+        seconds: wall time of the whole call.
+    """
+
+    probe: ProbeResult | None
+    plan: Plan
+    final_plan: Plan
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    backoffs: list[Backoff] = field(default_factory=list)
+    regrowths: list[Backoff] = field(default_factory=list)
+    evals: list[EvalReport] = field(default_factory=list)
+    epochs: int = 0
+    steps: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training throughput."""
+        return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def report(self) -> EvalReport | None:
+        """The last evaluation report, if any."""
+        return self.evals[-1] if self.evals else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "probe": self.probe.to_dict() if self.probe is not None else None,
+            "plan": self.plan.to_dict(),
+            "final_plan": self.final_plan.to_dict(),
+            "losses": list(self.losses),
+            "skipped_steps": self.skipped_steps,
+            "backoffs": [asdict(b) for b in self.backoffs],
+            "regrowths": [asdict(b) for b in self.regrowths],
+            "evals": [e.to_dict() for e in self.evals],
+            "epochs": self.epochs,
+            "steps": self.steps,
+            "samples": self.samples,
+            "train_seconds": self.train_seconds,
+            "seconds": self.seconds,
+            "samples_per_second": self.samples_per_second,
+        }
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="autobatch fit", title_justify="left", show_header=False)
+        table.add_column("what")
+        table.add_column("value")
+        table.add_row("plan", self.plan.describe())
+        if self.final_plan != self.plan:
+            table.add_row("final plan", self.final_plan.describe())
+        table.add_row("epochs / steps", f"{self.epochs} / {self.steps} ({self.skipped_steps} skipped)")
+        if self.losses:
+            table.add_row("loss", f"{self.losses[0]:.4f} → {self.losses[-1]:.4f}")
+        table.add_row("OOM back-offs", str(len(self.backoffs)))
+        table.add_row("throughput", f"{self.samples_per_second:,.0f} samples/s")
+        if self.report is not None:
+            table.add_row("accuracy", f"{self.report.accuracy:.4f}")
+        table.add_row("wall time", f"{self.seconds:.1f} s")
         return table
