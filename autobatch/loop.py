@@ -71,7 +71,6 @@ class TrainLoop:
         self.scheduler = scheduler
         self.regrow_after = regrow_after
         self.progress = progress
-        self.losses: list[torch.Tensor] = []
         self.skipped_steps = 0
         self.steps = 0
         self.samples = 0

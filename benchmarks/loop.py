@@ -1,0 +1,140 @@
+"""Training-loop overhead: ``autobatch.fit``'s epoch against a hand-written accumulation loop.
+
+Both run the same model, data, micro-batch, accumulation, precision and optimizer, on the CPU, without
+a memory limit (no emulation), alternating in one process so that both see the same machine state. The
+hand-written loop is the classic one (autocast, ``scaler.scale(loss / accumulation).backward()``, step
+every N micro-batches), fed by slicing the tensors directly, i.e. with no DataLoader overhead either.
+Figures, not pass/fail: the project's target is a wall-time ratio ≤ 1.03.
+
+Run from the repository root: ``python benchmarks/loop.py [--rounds 5] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import autobatch
+from autobatch.demo import DigitsCNN, load_digits_data
+
+
+@dataclass
+class Case:
+    name: str
+    make_model: Callable[[], nn.Module]
+    data: tuple[torch.Tensor, torch.Tensor]
+    micro: int
+    target: int
+    precision: str
+
+
+def hand_written_epoch(case: Case, model: nn.Module, seed: int) -> float:
+    """The classic loop; returns its wall time in seconds."""
+    X, y = case.data
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.precision]
+    scaler = torch.amp.GradScaler("cpu", enabled=case.precision == "fp16")
+    accumulation = -(-case.target // case.micro)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    model.train()
+    started = time.perf_counter()
+    for start in range(0, len(y), case.target):
+        step = order[start : start + case.target]
+        xs, ys = X[step], y[step]
+        for i in range(0, len(step), case.micro):
+            with torch.autocast("cpu", dtype=dtype, enabled=case.precision != "fp32"):
+                loss = nn.functional.cross_entropy(model(xs[i : i + case.micro]), ys[i : i + case.micro])
+            scaler.scale(loss / accumulation).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def autobatch_epoch(case: Case, model: nn.Module, seed: int) -> float:
+    result = autobatch.fit(
+        model,
+        case.data,
+        target_batch=case.target,
+        micro_batch=case.micro,
+        precision=case.precision,
+        device="cpu",
+        seed=seed,
+        progress=False,
+    )
+    return result.train_seconds
+
+
+def cases() -> list[Case]:
+    digits = load_digits_data()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8192, 512, generator=g)
+    y = torch.randint(0, 10, (8192,), generator=g)
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+
+    return [
+        Case("digits CNN, bf16, 11×3=32", DigitsCNN, digits.train, 11, 32, "bf16"),
+        Case("digits CNN, fp32, 8×4=32", DigitsCNN, digits.train, 8, 32, "fp32"),
+        Case("MLP 512-1024-1024, fp32, 64×4=256", mlp, (X, y), 64, 256, "fp32"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on shared CPUs)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*BatchNorm")  # expected here: accumulation > 1
+    rows = []
+    for case in cases():
+        samples = len(case.data[1])
+        torch.manual_seed(0)
+        # Warm both paths once (allocator, kernels) before timing.
+        hand_written_epoch(case, case.make_model(), 0)
+        autobatch_epoch(case, case.make_model(), 0)
+        hand, ours = [], []
+        for r in range(args.rounds):
+            torch.manual_seed(r)
+            hand.append(hand_written_epoch(case, case.make_model(), r))
+            torch.manual_seed(r)
+            ours.append(autobatch_epoch(case, case.make_model(), r))
+        h, o = statistics.median(hand), statistics.median(ours)
+        rows.append(
+            {
+                "case": case.name,
+                "hand_s": h,
+                "autobatch_s": o,
+                "ratio": o / h,
+                "hand_samples_s": samples / h,
+                "autobatch_samples_s": samples / o,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"median of {args.rounds} alternating rounds, one epoch each, torch threads = {args.threads}\n")
+    print("| case | hand-written (s) | autobatch.fit (s) | ratio | hand samples/s | fit samples/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['case']} | {row['hand_s']:.3f} | {row['autobatch_s']:.3f} | {row['ratio']:.3f} | "
+            f"{row['hand_samples_s']:,.0f} | {row['autobatch_samples_s']:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Tests for autobatch.loop: exact gradient accumulation, OOM back-off and regrowth of one step."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autobatch.data import as_source
+from autobatch.errors import NoBatchFitsError
+from autobatch.loop import TrainLoop, warn_batchnorm
+from autobatch.memory import DeviceMemory
+from autobatch.plan import plan
+from autobatch.result import Backoff
+from autobatch.step import Stepper
+
+torch.set_num_threads(1)
+
+CPU = torch.device("cpu")
+CLASSES = 3
+VOCAB, TOKEN_CLASSES, MAX_LEN = 20, 5, 12
+
+
+class TokenTagger(nn.Module):
+    """Embedding → tanh → linear: logits ``[B, T, C]`` for every token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8, padding_idx=0)
+        self.head = nn.Linear(8, TOKEN_CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+
+def classification_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def token_data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token sequences of very different lengths; padding labels are -100."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, MAX_LEN, dtype=torch.long)
+    labels = torch.full((n, MAX_LEN), -100, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, MAX_LEN + 1, (), generator=g))
+        tokens[i, :length] = torch.randint(1, VOCAB, (length,), generator=g)
+        labels[i, :length] = torch.randint(0, TOKEN_CLASSES, (length,), generator=g)
+    return tokens, labels
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-padding tokens of a batch."""
+    return F.cross_entropy(logits.reshape(-1, TOKEN_CLASSES), labels.reshape(-1), ignore_index=-100)
+
+
+def count_tokens(batch: Any) -> torch.Tensor:
+    return (batch[-1] != -100).sum()
+
+
+def capturing_sgd(model: nn.Module, captured: list[list[torch.Tensor]]) -> torch.optim.Optimizer:
+    """SGD with lr=0 that records the gradients it is asked to apply."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def record(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        captured.append([p.grad.detach().clone() for p in model.parameters()])
+
+    optimizer.register_step_pre_hook(record)
+    return optimizer
+
+
+def full_batch_grads(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable[..., torch.Tensor]
+) -> list[torch.Tensor]:
+    reference = copy.deepcopy(model)
+    reference.zero_grad(set_to_none=True)
+    loss_fn(reference(batch[0]), batch[1]).backward()
+    return [p.grad.detach().clone() for p in reference.parameters()]
+
+
+def max_relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(got, expected, strict=True))
+
+
+def make_loop(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    captured: list[list[torch.Tensor]],
+    *,
+    micro: int,
+    target: int = 32,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    num_items: Callable[[Any], Any] | None = None,
+    regrow_after: int = 50,
+) -> TrainLoop:
+    stepper = Stepper(model, capturing_sgd(model, captured), DeviceMemory(CPU, None), "fp32", loss_fn=loss_fn)
+    return TrainLoop(
+        stepper,
+        as_source(data),
+        target_batch=target,
+        micro_batch=micro,
+        num_items=num_items,
+        regrow_after=regrow_after,
+        progress=False,
+    )
+
+
+# -- exact gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("micro", "chunks"),
+    [(8, (8, 8, 8, 8)), (12, (11, 11, 10)), (32, (32,)), (5, (5, 5, 5, 5, 4, 4, 4))],
+    ids=["even", "uneven", "single", "seven-uneven"],
+)
+def test_accumulated_gradient_equals_full_batch_gradient(micro: int, chunks: tuple[int, ...]) -> None:
+    assert plan(micro, 32).chunks == chunks
+    model = mlp()
+    data = classification_data()
+    host = (data[0][:32], data[1][:32])
+    expected = full_batch_grads(model, host, F.cross_entropy)
+    captured: list[list[torch.Tensor]] = []
+    loop = make_loop(model, data, captured, micro=micro)
+
+    loss, applied = loop._accumulate(host, micro)
+
+    assert applied
+    assert len(captured) == 1
+    assert max_relative_error(captured[0], expected) < 1e-6
+    full_loss = F.cross_entropy(model(host[0]), host[1])
+    torch.testing.assert_close(loss, full_loss.detach(), rtol=1e-6, atol=0)
+    assert all(p.grad is None for p in model.parameters()), "gradients are zeroed after the step"
+
+
+def test_naive_weighting_would_not_match_for_uneven_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1/num_steps per micro-step is wrong for 11+11+10: the exactness test above can fail."""
+    model = mlp()
+    data = classification_data()
+    host = (data[0][:32], data[1][:32])
+    expected = full_batch_grads(model, host, F.cross_entropy)
+    captured: list[list[torch.Tensor]] = []
+    loop = make_loop(model, data, captured, micro=12)
+    monkeypatch.setattr(loop, "_weights", lambda parts, total: [1 / len(parts)] * len(parts))
+
+    loop._accumulate(host, 12)
+
+    assert max_relative_error(captured[0], expected) > 1e-4
+
+
+@pytest.mark.parametrize("micro", [8, 12, 5])
+def test_token_level_loss_is_exact_with_num_items(micro: int) -> None:
+    torch.manual_seed(0)
+    model = TokenTagger()
+    data = token_data()
+    host = (data[0][:32], data[1][:32])
+    expected = full_batch_grads(model, host, token_loss)
+    captured: list[list[torch.Tensor]] = []
+    loop = make_loop(model, data, captured, micro=micro, loss_fn=token_loss, num_items=count_tokens)
+
+    loss, _ = loop._accumulate(host, micro)
+
+    assert max_relative_error(captured[0], expected) < 1e-6
+    torch.testing.assert_close(loss, token_loss(model(host[0]), host[1]).detach(), rtol=1e-6, atol=0)
+
+
+def test_token_level_loss_weighted_by_samples_is_not_exact() -> None:
+    """Without num_items, chunks with different token counts are mis-weighted."""
+    torch.manual_seed(0)
+    model = TokenTagger()
+    data = token_data()
+    host = (data[0][:32], data[1][:32])
+    expected = full_batch_grads(model, host, token_loss)
+    captured: list[list[torch.Tensor]] = []
+    loop = make_loop(model, data, captured, micro=12, loss_fn=token_loss)
+
+    loop._accumulate(host, 12)
+
+    assert max_relative_error(captured[0], expected) > 1e-4
+
+
+def test_num_items_counting_nothing_is_an_error() -> None:
+    model = TokenTagger()
+    tokens = torch.ones(4, 3, dtype=torch.long)
+    labels = torch.full((4, 3), -100)
+    loop = make_loop(model, (tokens, labels), [], micro=2, target=4, loss_fn=token_loss, num_items=count_tokens)
+    with pytest.raises(ValueError, match="num_items"):
+        loop._accumulate((tokens, labels), 2)
+
+
+# -- out of memory inside a step --------------------------------------------------------------------
+
+
+class FailingStepper(Stepper):
+    """Raises torch.OutOfMemoryError on chosen backward calls (1-based), after running the forward."""
+
+    def __init__(self, *args: Any, fail_on: set[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
+        self.calls += 1
+        loss = super().backward(batch, weight)  # gradients of this micro-step are already accumulated
+        if self.calls in self.fail_on:
+            raise torch.OutOfMemoryError(f"injected at call {self.calls}")
+        return loss
+
+
+def failing_loop(
+    model: nn.Module, captured: list[list[torch.Tensor]], fail_on: set[int], **kwargs: Any
+) -> TrainLoop:
+    stepper = FailingStepper(
+        model, capturing_sgd(model, captured), DeviceMemory(CPU, None), "fp32", fail_on=fail_on
+    )
+    return TrainLoop(stepper, as_source(classification_data()), target_batch=32, progress=False, **kwargs)
+
+
+def test_oom_mid_step_redoes_the_step_without_partial_gradients() -> None:
+    model = mlp()
+    host = tuple(t[:32] for t in classification_data())
+    expected = full_batch_grads(model, host, F.cross_entropy)
+    captured: list[list[torch.Tensor]] = []
+    # Call 2 is the second micro-step of the first attempt (11+11+10): its gradients and the first
+    # micro-step's are already accumulated when the OOM is raised.
+    loop = failing_loop(model, captured, {2}, micro_batch=12)
+
+    loop.optimizer_step(host)
+
+    assert len(captured) == 1, "the optimizer stepped once, after the redo"
+    assert max_relative_error(captured[0], expected) < 1e-6
+    assert loop.backoffs == [Backoff(epoch=0, step=0, from_micro=12, to_micro=6)]
+    assert loop.micro == 6 and loop.plan.chunks == (6, 6, 5, 5, 5, 5)
+    assert loop.steps == 1 and loop.samples == 32
+
+
+def test_micro_batch_regrows_after_clean_steps() -> None:
+    model = mlp()
+    captured: list[list[torch.Tensor]] = []
+    loop = failing_loop(model, captured, {1}, micro_batch=12, regrow_after=2)
+    host = tuple(t[:32] for t in classification_data())
+
+    loop.optimizer_step(host)  # backs off 12 → 6; the redone step is the first clean one
+    assert loop.micro == 6 and not loop.regrowths
+    loop.optimizer_step(host)
+    assert loop.micro == 12
+    assert loop.regrowths == [Backoff(epoch=0, step=2, from_micro=6, to_micro=12)]
+    loop.optimizer_step(host)
+    assert loop.micro == 12 and len(loop.regrowths) == 1
+
+
+def test_oom_at_a_batch_of_one_raises_no_batch_fits() -> None:
+    model = mlp()
+    loop = failing_loop(model, [], set(range(1, 100)), micro_batch=4)
+    with pytest.raises(NoBatchFitsError, match="batch of 1"):
+        loop.optimizer_step(tuple(t[:32] for t in classification_data()))
+    assert [(b.from_micro, b.to_micro) for b in loop.backoffs] == [(4, 2), (2, 1)]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_oom_errors_propagate_unchanged() -> None:
+    model = mlp()
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceMemory(CPU, None), "fp32")
+    loop = TrainLoop(stepper, as_source(classification_data()), target_batch=32, micro_batch=8)
+    bad = (torch.randn(32, 7), torch.zeros(32, dtype=torch.long))  # wrong feature count
+    with pytest.raises(RuntimeError, match="shapes"):
+        loop.optimizer_step(bad)
+    assert not loop.backoffs and loop.steps == 0
+
+
+# -- epochs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("drop_last", "steps"), [(False, 3), (True, 2)])
+def test_run_epoch_visits_every_index_once(drop_last: bool, steps: int) -> None:
+    model = mlp()
+    n = 70
+    X, y = classification_data(n)
+    ids = torch.arange(n)
+    seen: list[int] = []
+
+    def step_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, target, index = batch
+        seen.extend(index.tolist())
+        return F.cross_entropy(model(x), target)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepper = Stepper(model, optimizer, DeviceMemory(CPU, None), "fp32", step_fn=step_fn)
+    loop = TrainLoop(stepper, as_source((X, y, ids)), target_batch=32, micro_batch=12, progress=False)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+
+    losses = loop.run_epoch(0, 1, order, drop_last=drop_last)
+
+    assert len(losses) == steps and all(isinstance(v, float) for v in losses)
+    expected = order[: 64 if drop_last else n]
+    assert seen == expected
+    assert loop.steps == steps and loop.samples == len(expected)
+
+
+# -- BatchNorm warning ------------------------------------------------------------------------------
+
+
+def test_warn_batchnorm_only_when_accumulating() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        warn_batchnorm(model, plan(8, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_batchnorm(model, plan(32, 32))
+        warn_batchnorm(mlp(), plan(8, 32))

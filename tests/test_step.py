@@ -1,0 +1,272 @@
+"""Tests for autobatch.step: precision, the loss of a batch, and the scaled optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autobatch.memory import DeviceMemory
+from autobatch.step import Stepper, compute_loss, resolve_precision
+
+torch.set_num_threads(1)
+
+CPU = torch.device("cpu")
+
+
+def linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(4, 3)
+
+
+def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class DictModel(nn.Module):
+    """Hugging Face style: ``model(**batch)`` returns an output with ``.loss`` when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = linear()
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        logits = self.linear(features)
+        return Output(logits, None if labels is None else F.cross_entropy(logits, labels))
+
+
+def stepper(model: nn.Module, precision: str = "fp32", **kwargs: Any) -> Stepper:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Stepper(model, optimizer, DeviceMemory(CPU, None), precision, **kwargs)
+
+
+# -- precision --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"), [("auto", "bf16"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")]
+)
+def test_resolve_precision_on_cpu(precision: str, expected: str) -> None:
+    assert resolve_precision(precision, CPU) == expected
+
+
+@pytest.mark.parametrize("precision", ["float16", "FP16", "amp", "", None])
+def test_resolve_precision_rejects_unknown(precision: Any) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision(precision, CPU)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_runs_the_forward_in_low_precision(precision: str, dtype: torch.dtype) -> None:
+    model = linear()
+    with stepper(model, precision).autocast():
+        assert model(batch()[0]).dtype == dtype
+    with stepper(model, "fp32").autocast():
+        assert model(batch()[0]).dtype == torch.float32
+
+
+# -- compute_loss -----------------------------------------------------------------------------------
+
+
+def test_compute_loss_of_a_tuple_batch_defaults_to_cross_entropy() -> None:
+    model = linear()
+    x, y = batch()
+    expected = F.cross_entropy(model(x), y)
+    torch.testing.assert_close(compute_loss(model, (x, y)), expected)
+    torch.testing.assert_close(compute_loss(model, [x, y]), expected)
+    mse = compute_loss(model, (x, torch.zeros(8, 3)), loss_fn=F.mse_loss)
+    torch.testing.assert_close(mse, F.mse_loss(model(x), torch.zeros(8, 3)))
+
+
+def test_compute_loss_passes_every_input_but_the_last() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = linear()
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.linear(a + b)
+
+    model = TwoInputs()
+    x, y = batch()
+    torch.testing.assert_close(compute_loss(model, (x, x, y)), F.cross_entropy(model.linear(2 * x), y))
+
+
+def test_compute_loss_of_a_dict_batch_uses_the_model_loss() -> None:
+    model = DictModel()
+    x, y = batch()
+    torch.testing.assert_close(
+        compute_loss(model, {"features": x, "labels": y}), F.cross_entropy(model.linear(x), y)
+    )
+
+    class DictOut(nn.Module):
+        def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": features.sum() * 0 + 3.0}
+
+    assert float(compute_loss(DictOut(), {"features": x, "labels": y})) == 3.0
+
+
+def test_compute_loss_uses_step_fn_first() -> None:
+    model = linear()
+    seen: list[Any] = []
+
+    def step_fn(m: nn.Module, b: Any) -> torch.Tensor:
+        seen.append(b)
+        return m(b["x"]).pow(2).mean()
+
+    x, _ = batch()
+    loss = compute_loss(model, {"x": x}, loss_fn=lambda o, t: 1 / 0, step_fn=step_fn)
+    torch.testing.assert_close(loss, model(x).pow(2).mean())
+    assert len(seen) == 1
+
+
+def test_dict_output_without_loss_is_a_helpful_error() -> None:
+    model = DictModel()
+    x, _ = batch()
+    with pytest.raises(ValueError, match=r"loss.*step_fn"):
+        compute_loss(model, {"features": x})
+
+
+@pytest.mark.parametrize("bad", [torch.randn(8, 4), 3, "text", (torch.randn(8, 4),)])
+def test_batch_without_targets_is_a_helpful_error(bad: Any) -> None:
+    with pytest.raises(ValueError, match="step_fn"):
+        compute_loss(linear(), bad)
+
+
+def test_non_scalar_loss_is_a_helpful_error() -> None:
+    per_sample = stepper(linear(), loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    with pytest.raises(ValueError, match=r"scalar.*\(8,\)"):
+        per_sample.backward(batch())
+    not_a_tensor = stepper(linear(), step_fn=lambda model, b: 1.0)
+    with pytest.raises(ValueError, match="scalar.*float"):
+        not_a_tensor.backward(batch())
+
+
+# -- backward and step ------------------------------------------------------------------------------
+
+
+def test_backward_scales_by_weight_and_returns_the_unweighted_loss() -> None:
+    model = linear()
+    s = stepper(model)
+    x, y = batch()
+    loss = s.backward((x, y), weight=0.25)
+    reference = linear()
+    (F.cross_entropy(reference(x), y) * 0.25).backward()
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(reference(x), y).detach())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_step_applies_and_zeroes_gradients() -> None:
+    model = linear()
+    s = stepper(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    s.backward(batch())
+    assert s.step() is True
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_fp16_step_with_inf_gradients_is_skipped() -> None:
+    model = linear()
+    s = stepper(model, "fp16")
+    assert s.scaler.is_enabled()
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = s.scaler.get_scale()
+
+    s.backward(batch(), weight=float("inf"))
+    assert s.step() is False
+    assert s.scaler.get_scale() < scale
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+    s.backward(batch())
+    assert s.step() is True
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_steps_without_a_scaler_are_never_skipped(precision: str) -> None:
+    s = stepper(linear(), precision)
+    assert not s.scaler.is_enabled()
+    s.backward(batch(), weight=float("inf"))
+    assert s.step() is True
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_grad_clip_bounds_the_update_after_unscaling(precision: str) -> None:
+    model = linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    s = Stepper(model, optimizer, DeviceMemory(CPU, None), precision, grad_clip=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    s.backward(batch())
+    assert s.step() is True
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    # Clipping the scaled gradients (before unscale_) would leave an update 65536× smaller.
+    assert float(update.norm()) == pytest.approx(1e-3, rel=1e-2)
+
+
+def oom_between_unscale_and_step(monkeypatch: pytest.MonkeyPatch, s: Stepper) -> None:
+    """Run a step whose clipping (after unscale_, before scaler.step) runs out of memory."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_once_oom(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("injected between unscale_ and step")
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_once_oom)
+    s.backward(batch())
+    with pytest.raises(torch.OutOfMemoryError):
+        s.step()
+
+
+def test_reset_after_oom_lets_the_next_step_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = linear()
+    s = stepper(model, "fp16", grad_clip=1.0)
+    oom_between_unscale_and_step(monkeypatch, s)
+
+    s.reset_after_oom()
+
+    assert all(p.grad is None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    s.backward(batch())
+    assert s.step() is True
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_without_reset_the_next_unscale_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure reset_after_oom prevents: GradScaler remembers the interrupted unscale_."""
+    s = stepper(linear(), "fp16", grad_clip=1.0)
+    oom_between_unscale_and_step(monkeypatch, s)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.backward(batch())
+    with pytest.raises(RuntimeError, match="unscale_"):
+        s.step()
+
+
+def test_state_tensors_cover_parameters_gradients_and_optimizer_state() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    optimizer = torch.optim.Adam(model.parameters())
+    s = Stepper(model, optimizer, DeviceMemory(CPU, None), "fp32")
+    ids = {id(t) for t in s.state_tensors()}
+    assert all(id(t) in ids for t in [*model.parameters(), *model.buffers()])
+    s.backward(batch())
+    assert all(id(p.grad) in {id(t) for t in s.state_tensors()} for p in model.parameters())
+    s.step()
+    moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert moments and all(id(m) in {id(t) for t in s.state_tensors()} for m in moments)
