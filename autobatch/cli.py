@@ -35,6 +35,8 @@ def _load(spec: str, what: str) -> Any:
     sys.path.insert(0, "")  # like `python -m`: modules in the working directory can be named
     try:
         obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:  # a usage error (exit 2), not a crash that exits 1 like --min-batch
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc}).") from exc
     finally:
         sys.path.pop(0)
     for part in attr.split("."):

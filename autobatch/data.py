@@ -94,6 +94,7 @@ class DataSource:
         sampler: Iterable[Any] | None = None,
         loader_kwargs: dict[str, Any] | None = None,
         tensors: tuple[torch.Tensor, ...] | None = None,
+        name: str = "data",
     ) -> None:
         self.dataset = dataset
         self.collate_fn = collate_fn or default_collate
@@ -104,11 +105,11 @@ class DataSource:
             self.length = len(dataset)  # type: ignore[arg-type]
         except TypeError:
             raise TypeError(
-                "Expected a map-style dataset with __len__ and __getitem__, but got "
+                f"Expected `{name}` to be a map-style dataset with __len__ and __getitem__, but got "
                 f"{type(dataset).__name__} without __len__ (iterable datasets cannot be re-batched)."
             ) from None
         if self.length == 0:
-            raise ValueError("Expected a non-empty dataset, but got one with 0 samples.")
+            raise ValueError(f"Expected `{name}` to be a non-empty dataset, but got one with 0 samples.")
         self._order_by_size: list[int] | None = None
 
     def __len__(self) -> int:
@@ -205,6 +206,11 @@ def as_source(data: Any, *, name: str = "data") -> DataSource:
     """
     if isinstance(data, DataSource):
         return data
+    if isinstance(data, (str, bytes)):
+        raise TypeError(
+            f"Expected `{name}` to be a torch Dataset, a DataLoader or a tuple of tensors (X, y), but got "
+            f"the {type(data).__name__} {data!r}; load the data into one of those first."
+        )
     if isinstance(data, DataLoader):
         kwargs = {k: getattr(data, k) for k in _LOADER_SETTINGS if hasattr(data, k)}
         if not kwargs.get("num_workers"):
@@ -218,6 +224,7 @@ def as_source(data: Any, *, name: str = "data") -> DataSource:
             sampler=data.sampler,
             loader_kwargs=kwargs,
             tensors=tensors,
+            name=name,
         )
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         tensors = tuple(data)
@@ -227,9 +234,11 @@ def as_source(data: Any, *, name: str = "data") -> DataSource:
             raise ValueError(
                 f"Expected `{name}` tensors to share their first (sample) dimension, but got shapes {shapes}."
             )
-        return DataSource(_TensorDataset(*tensors), tensors=tensors)
-    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        return DataSource(data, tensors=_tensor_dataset_tensors(data, None))
+        return DataSource(_TensorDataset(*tensors), tensors=tensors, name=name)
+    # Strings and dicts have __getitem__ and __len__ too, but a dict of tensors is no dataset.
+    sized = hasattr(data, "__getitem__") and hasattr(data, "__len__")
+    if isinstance(data, Dataset) or (sized and not isinstance(data, (str, bytes, Mapping))):
+        return DataSource(data, tensors=_tensor_dataset_tensors(data, None), name=name)
     raise TypeError(
         f"Expected `{name}` to be a torch Dataset, a DataLoader or a tuple of tensors (X, y), "
         f"but got {type(data).__name__}."

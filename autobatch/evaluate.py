@@ -138,10 +138,14 @@ def evaluate(
             def run(n: int, host: Any = host) -> tuple[torch.Tensor, torch.Tensor]:
                 outs = []
                 resident = [*model.parameters(), *model.buffers()]
-                with memory.measure(resident), torch.inference_mode(), autocast():
+                with torch.inference_mode(), autocast():
                     for start in range(0, batch_size_of(host), n):
-                        part = memory.transfer(slice_batch(host, start, start + n))
-                        pred, label = fn(model, part)
+                        # One measured region per batch: its predictions then leave the device, as
+                        # .cpu() does on CUDA (on an emulated CPU device .cpu() is no copy, and the
+                        # gathered predictions would otherwise count against the limit).
+                        with memory.measure(resident):
+                            part = memory.transfer(slice_batch(host, start, start + n))
+                            pred, label = fn(model, part)
                         outs.append((pred.cpu(), label.cpu()))
                 return torch.cat([p for p, _ in outs]), torch.cat([y for _, y in outs])
 

@@ -235,7 +235,8 @@ def fit(
                     eval_source,
                     memory,
                     stepper.autocast,
-                    batch_size=eval_batch or 4 * loop.micro,
+                    # After the first evaluation, start from the batch size that fitted last time.
+                    batch_size=result.evals[-1].batch_size if result.evals else eval_batch or 4 * loop.micro,
                     target_names=target_names,
                     predict_fn=predict_fn,
                     epoch=epoch,

@@ -114,10 +114,12 @@ class TrainLoop:
             else contextlib.nullcontext()
         )
         with measure:
-            loss = torch.zeros((), device=self.memory.device)
             for part, weight in zip(parts, weights, strict=True):
-                loss += self.stepper.backward(part, weight).float() * weight
+                self.stepper.backward(part, weight)
             applied = self.stepper.step()
+        loss = self.stepper.last_loss
+        if loss is None:  # pragma: no cover - step() always leaves the loss of a step with micro-steps
+            raise RuntimeError("the training step ran no micro-step")
         return loss, applied
 
     def _release(self) -> None:

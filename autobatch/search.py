@@ -8,8 +8,9 @@ largest batch that fitted (``lo``) and the smallest that did not (``hi``). Where
 it fits ``peak ≈ fixed + per_sample × batch`` on the forward/backward peak (the part of the step that
 grows with the batch; the optimizer step's own peak does not) through the two largest batches that
 fitted, and jumps to the predicted maximum. A jump whose outcome contradicts the model (the predicted
-maximum ran out of memory, or the batch after it still fitted) is followed by a plain doubling or
-bisection step, so the worst case stays logarithmic while the usual case costs a handful of steps.
+maximum ran out of memory, or the batch after it still fitted), like a model that says a batch already
+known to fail would fit, is followed by a plain doubling or bisection step, so the worst case stays
+logarithmic while the usual case costs a handful of steps.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def search(
             continue
         model = fit_memory_model(trials) if limit is not None else None
         predicted_max = model.predict_max(limit) if (model is not None and limit is not None) else None
-        if predicted_max is None or not trust_model:
+        # A model that says a batch known to fail would fit is wrong here: it would only test hi - 1.
+        contradicted = hi is not None and predicted_max is not None and predicted_max >= hi
+        if predicted_max is None or not trust_model or contradicted:
             candidate, expected = (2 * lo if hi is None else (lo + hi) // 2), None
         else:
             # Test the predicted maximum; when the model says lo already is it, confirm lo + 1 fails.

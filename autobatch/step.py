@@ -136,6 +136,8 @@ class Stepper:
         if scaler is None:
             scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.scaler = scaler
+        self._loss: torch.Tensor | None = None
+        self.last_loss: torch.Tensor | None = None
 
     def autocast(self) -> torch.autocast:
         """The autocast region of the forward pass (disabled in fp32)."""
@@ -145,7 +147,8 @@ class Stepper:
         """Forward and scaled backward of one micro-batch; returns its unweighted loss, detached.
 
         ``weight`` is the micro-batch's share of the effective batch (its samples or items over the
-        step's total), so that the accumulated gradient equals the gradient of the whole batch.
+        step's total), so that the accumulated gradient equals the gradient of the whole batch. The
+        weighted losses add up to the step's loss, :attr:`last_loss` after :meth:`step`.
         """
         batch = self.memory.transfer(batch)
         with self.autocast():
@@ -154,13 +157,19 @@ class Stepper:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"Expected the loss to be a scalar tensor, but got {shape}.")
         self.scaler.scale(loss * weight).backward()
-        return loss.detach()
+        loss = loss.detach()
+        # The step's loss is summed here, inside the step that the probe measures too, so that the
+        # training loop holds no device tensor during its micro-steps that the probe did not count.
+        weighted = loss.float() * weight
+        self._loss = weighted if self._loss is None else self._loss.add_(weighted)
+        return loss
 
     def step(self) -> bool:
         """Unscale, clip, step and update once per effective batch; True unless the step was skipped.
 
         A step is skipped when the scaled gradients hold inf or NaN (fp16 only); the scaler then lowers
-        its scale, which is how a skip is detected.
+        its scale, which is how a skip is detected. The weighted sum of the micro-step losses since the
+        last step is left in :attr:`last_loss`.
         """
         scaler = self.scaler
         if self.grad_clip is not None:
@@ -175,12 +184,14 @@ class Stepper:
             self.optimizer.step()
             applied = True
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss, self._loss = self._loss, None
         return applied
 
     def reset_after_oom(self) -> None:
         """Forget a step that ran out of memory half-way (gradients and the scaler's per-step stage)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
+        self._loss = None
         # GradScaler has no public reset of its per-optimizer stage ("unscaled", "stepped"); a step
         # interrupted between unscale_ and update would otherwise make the next unscale_ raise.
         per_optimizer = getattr(self.scaler, "_per_optimizer_states", None)

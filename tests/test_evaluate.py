@@ -218,7 +218,14 @@ def test_evaluate_raises_when_nothing_fits() -> None:
     model = mlp()
     model.train()
     with pytest.raises(NoBatchFitsError, match="evaluation"):
-        evaluate(model, as_source(data()), DeviceMemory(CPU, None), no_autocast, batch_size=4, predict_fn=predict_fn)
+        evaluate(
+            model,
+            as_source(data()),
+            DeviceMemory(CPU, None),
+            no_autocast,
+            batch_size=4,
+            predict_fn=predict_fn,
+        )
     assert model.training
 
 

@@ -75,19 +75,27 @@ def capturing_sgd(model: nn.Module, captured: list[list[torch.Tensor]]) -> torch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
 
     def record(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        captured.append([p.grad.detach().clone() for p in model.parameters()])
+        captured.append(grads(model))
 
     optimizer.register_step_pre_hook(record)
     return optimizer
 
 
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for p in model.parameters():
+        assert p.grad is not None
+        out.append(p.grad.detach().clone())
+    return out
+
+
 def full_batch_grads(
-    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable[..., torch.Tensor]
+    model: nn.Module, batch: tuple[torch.Tensor, ...], loss_fn: Callable[..., torch.Tensor]
 ) -> list[torch.Tensor]:
     reference = copy.deepcopy(model)
     reference.zero_grad(set_to_none=True)
     loss_fn(reference(batch[0]), batch[1]).backward()
-    return [p.grad.detach().clone() for p in reference.parameters()]
+    return grads(reference)
 
 
 def max_relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
@@ -194,7 +202,9 @@ def test_num_items_counting_nothing_is_an_error() -> None:
     model = TokenTagger()
     tokens = torch.ones(4, 3, dtype=torch.long)
     labels = torch.full((4, 3), -100)
-    loop = make_loop(model, (tokens, labels), [], micro=2, target=4, loss_fn=token_loss, num_items=count_tokens)
+    loop = make_loop(
+        model, (tokens, labels), [], micro=2, target=4, loss_fn=token_loss, num_items=count_tokens
+    )
     with pytest.raises(ValueError, match="num_items"):
         loop._accumulate((tokens, labels), 2)
 

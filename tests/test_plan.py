@@ -101,7 +101,7 @@ def test_plan_invariants(micro: int, per_rank: int, world: int) -> None:
     assert max(p.chunks) - min(p.chunks) <= 1
     assert list(p.chunks) == sorted(p.chunks, reverse=True)
     assert p.accumulation_steps == len(p.chunks) == math.ceil(per_rank / micro)
-    assert math.isclose(sum(p.weights()), 1.0, rel_tol=0, abs_tol=1e-12)
+    assert math.isclose(math.fsum(p.weights()), 1.0, rel_tol=0, abs_tol=1e-12)
     assert all(w == c / per_rank for w, c in zip(p.weights(), p.chunks, strict=True))
 
 

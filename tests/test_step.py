@@ -125,8 +125,11 @@ def test_compute_loss_uses_step_fn_first() -> None:
         seen.append(b)
         return m(b["x"]).pow(2).mean()
 
+    def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
+        raise AssertionError("step_fn replaces loss_fn")
+
     x, _ = batch()
-    loss = compute_loss(model, {"x": x}, loss_fn=lambda o, t: 1 / 0, step_fn=step_fn)
+    loss = compute_loss(model, {"x": x}, loss_fn=loss_fn, step_fn=step_fn)
     torch.testing.assert_close(loss, model(x).pow(2).mean())
     assert len(seen) == 1
 
@@ -149,7 +152,7 @@ def test_non_scalar_loss_is_a_helpful_error() -> None:
     with pytest.raises(ValueError, match=r"scalar.*\(8,\)"):
         per_sample.backward(batch())
     not_a_tensor = stepper(linear(), step_fn=lambda model, b: 1.0)
-    with pytest.raises(ValueError, match="scalar.*float"):
+    with pytest.raises(ValueError, match=r"scalar.*float"):
         not_a_tensor.backward(batch())
 
 
@@ -270,3 +273,19 @@ def test_state_tensors_cover_parameters_gradients_and_optimizer_state() -> None:
     s.step()
     moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     assert moments and all(id(m) in {id(t) for t in s.state_tensors()} for m in moments)
+
+
+def test_step_leaves_the_weighted_sum_of_the_micro_losses() -> None:
+    model = linear()
+    s = stepper(model)
+    first, second = batch(8, seed=1), batch(8, seed=2)
+    a = s.backward(first, 0.75)
+    b = s.backward(second, 0.25)
+    s.step()
+    assert s.last_loss is not None
+    torch.testing.assert_close(s.last_loss, 0.75 * a + 0.25 * b)
+    s.backward(first, 1.0)
+    s.reset_after_oom()  # a failed step's losses are forgotten with its gradients
+    c = s.backward(second, 1.0)
+    s.step()
+    torch.testing.assert_close(s.last_loss, c)
