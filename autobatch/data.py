@@ -174,7 +174,8 @@ class DataSource:
 
     def loader(self, steps: Sequence[list[int]]) -> Iterator[Any]:
         """Yield one collated batch per index list, with the original DataLoader's worker settings."""
-        if self._tensors is not None or not self.loader_kwargs.get("num_workers"):
+        workers_or_pinning = self.loader_kwargs.get("num_workers") or self.loader_kwargs.get("pin_memory")
+        if self._tensors is not None or not workers_or_pinning:
             return (self.batch(indices) for indices in steps)
         loader = DataLoader(
             self.dataset,

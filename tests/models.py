@@ -192,9 +192,7 @@ def case(name: str, seed: int = 0) -> Case:
     return CASES[name](seed=seed)
 
 
-def limit_for(
-    model: nn.Module, data: Any, target: int, *, lo: int = 8, hi: int = 16, **options: Any
-) -> int:
+def limit_for(model: nn.Module, data: Any, target: int, *, lo: int = 8, hi: int = 16, **options: Any) -> int:
     """A memory limit (bytes) under which the largest batch that fits is about ``target``.
 
     Measures the forward/backward peaks at batches ``lo`` and ``hi`` under a roomy emulated limit,

@@ -24,8 +24,7 @@ OOM_MESSAGES = [
     "API call, so the stacktrace below might be incorrect.",
     "HIP out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 15.98 GiB of "
     "which 312.00 MiB is free.",
-    "HIP error: out of memory\nHIP kernel errors might be asynchronously reported at some other "
-    "API call.",
+    "HIP error: out of memory\nHIP kernel errors might be asynchronously reported at some other API call.",
     "XPU out of memory. Tried to allocate 59.61 GiB. GPU 0 has a total capacity of 28.55 GiB of "
     "which 12.01 GiB is free.",
     "XPU error: out of memory",
@@ -36,8 +35,7 @@ OOM_MESSAGES = [
     "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)",
     "[enforce fail at C:\\actions-runner\\_work\\pytorch\\c10\\core\\impl\\alloc_cpu.cpp:72] "
     "data. DefaultCPUAllocator: not enough memory: you tried to allocate 34359738368 bytes.",
-    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
-    "non-contiguous input.",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
 ]
 
@@ -184,9 +182,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux-only"
-)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux-only")
 def test_is_oom_real_cpu_allocator_failure() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)

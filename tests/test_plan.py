@@ -141,16 +141,12 @@ def test_non_int_raises_type_error(name: str, bad: object) -> None:
 @pytest.mark.parametrize("bad", [0, -1, -32])
 def test_non_positive_raises_value_error(name: str, bad: int) -> None:
     kwargs = {"micro_batch": 8, "target_batch": 32, "world_size": 1, name: bad}
-    with pytest.raises(
-        ValueError, match=rf"Expected `{name}` to be a positive int, but got {bad}\."
-    ):
+    with pytest.raises(ValueError, match=rf"Expected `{name}` to be a positive int, but got {bad}\."):
         plan(**kwargs)
 
 
 def test_target_zero_message() -> None:
-    with pytest.raises(
-        ValueError, match=r"^Expected `target_batch` to be a positive int, but got 0\.$"
-    ):
+    with pytest.raises(ValueError, match=r"^Expected `target_batch` to be a positive int, but got 0\.$"):
         plan(8, 0)
 
 
