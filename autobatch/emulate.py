@@ -89,7 +89,8 @@ class EmulatedDevice(TorchDispatchMode):
         return _rounded(storage.nbytes(), self.block_bytes)
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        key = storage.data_ptr()
+        # Keyed by the storage itself (its StorageImpl), which survives a resize that moves the data.
+        key = storage._cdata
         size = self._size(storage)
         self_ref = weakref.ref(self)
 
@@ -105,22 +106,36 @@ class EmulatedDevice(TorchDispatchMode):
         self.allocated_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
 
-    def _new_storages(self, out: object, inputs: set[int]) -> list[torch.UntypedStorage]:
-        found: dict[int, torch.UntypedStorage] = {}
+    def _grow(self, key: int, size: int) -> None:
+        old, ref = self._live[key]
+        self._live[key] = (size, ref)
+        self.allocated_bytes += size - old
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+
+    def _allocations(
+        self, out: object, inputs: set[int]
+    ) -> tuple[list[torch.UntypedStorage], dict[int, int]]:
+        """Storages ``out`` holds that the op allocated, and counted storages it grew (key → size)."""
+        new: dict[int, torch.UntypedStorage] = {}
+        grown: dict[int, int] = {}
         for t in tree_flatten(out)[0]:
-            if self._counts(t):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if st.nbytes() and key not in inputs and key not in self._live:
-                    found[key] = st
-        return list(found.values())
+            if not self._counts(t):
+                continue
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self._live:
+                if self._size(st) > self._live[key][0]:  # resized in place (an `out=` argument)
+                    grown[key] = self._size(st)
+            elif key not in inputs:  # inputs never counted are host memory, e.g. a dataset
+                new[key] = st
+        return list(new.values()), grown
 
     def register(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count ``tensors`` as device memory from now on (views of counted storages add nothing)."""
         for t in tensors:
             if self._counts(t):
                 st = t.untyped_storage()
-                if st.nbytes() and st.data_ptr() not in self._live:
+                if st._cdata not in self._live:
                     self._track(st)
 
     def transfer(self, batch: Any) -> Any:
@@ -144,14 +159,16 @@ class EmulatedDevice(TorchDispatchMode):
     ) -> Any:
         out = func(*args, **(kwargs or {}))
         inputs = {
-            t.untyped_storage().data_ptr()
+            t.untyped_storage()._cdata
             for t in tree_flatten((args, kwargs))[0]
             if isinstance(t, torch.Tensor) and not t.is_meta
         }
-        new = self._new_storages(out, inputs)
-        if not new:
+        new, grown = self._allocations(out, inputs)
+        if not new and not grown:
             return out
-        request = sum(self._size(st) for st in new)
+        request = sum(self._size(st) for st in new) + sum(
+            size - self._live[key][0] for key, size in grown.items()
+        )
         if self.allocated_bytes + request > self.limit:
             # Drop the outputs before raising: the failed allocation must not stay alive in the
             # traceback's frame.
@@ -160,6 +177,8 @@ class EmulatedDevice(TorchDispatchMode):
             raise torch.OutOfMemoryError(self._oom_message(request))
         for st in new:
             self._track(st)
+        for key, size in grown.items():
+            self._grow(key, size)
         return out
 
     def _oom_message(self, request: int) -> str:

@@ -69,13 +69,23 @@ def test_in_place_ops_add_nothing() -> None:
         del x
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a storage that an op grows in place is not recounted")
 def test_out_arguments_that_grow_are_counted() -> None:
     with EmulatedDevice(limit=MiB) as dev:
         x = torch.ones(1000)
         out = torch.empty(0)
         torch.add(x, 1, out=out)  # resizes `out` to 4000 bytes
         assert dev.allocated_bytes == 2 * 4096
+        del out
+        assert dev.allocated_bytes == 4096
+
+
+def test_growth_past_the_limit_raises() -> None:
+    with EmulatedDevice(limit=6000) as dev:
+        x = torch.ones(1000)
+        out = torch.empty(0)
+        with pytest.raises(torch.OutOfMemoryError, match=r"Tried to allocate 4\.00 KiB"):
+            torch.add(x, 1, out=out)
+        assert dev.allocated_bytes == 4096
 
 
 def test_freed_tensors_leave_the_count() -> None:
