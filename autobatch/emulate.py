@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
+
+from autobatch.data import map_tensors
 
 __all__ = ["BLOCK_BYTES", "EmulatedDevice", "format_bytes"]
 
@@ -140,7 +142,7 @@ class EmulatedDevice(TorchDispatchMode):
 
     def transfer(self, batch: Any) -> Any:
         """Copy every tensor of ``batch`` onto the emulated device, as a host-to-device copy would."""
-        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
+        return map_tensors(torch.clone, batch)
 
     # -- TorchDispatchMode -----------------------------------------------------------------------
     def __enter__(self) -> EmulatedDevice:

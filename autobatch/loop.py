@@ -12,6 +12,7 @@ micro-batch grows back towards the probed size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import warnings
@@ -33,6 +34,16 @@ __all__ = ["NumItemsFn", "TrainLoop"]
 logger = logging.getLogger(__name__)
 
 NumItemsFn = Callable[[Any], int | float | torch.Tensor]
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_bounds(micro: int, n: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of each micro-batch of a step of ``n`` samples (cached: the same every step)."""
+    bounds, start = [], 0
+    for size in plan(micro, n).chunks:
+        bounds.append((start, start + size))
+        start += size
+    return tuple(bounds)
 
 
 class TrainLoop:
@@ -102,11 +113,7 @@ class TrainLoop:
     def _accumulate(self, host: Any, micro: int) -> tuple[torch.Tensor, bool]:
         """Run one optimizer step over ``host`` in chunks of at most ``micro``; returns (loss, applied)."""
         n = batch_size_of(host)
-        bounds, start = [], 0
-        for size in plan(micro, n).chunks:
-            bounds.append((start, start + size))
-            start += size
-        parts = [slice_batch(host, a, b) for a, b in bounds]
+        parts = [slice_batch(host, a, b) for a, b in _chunk_bounds(micro, n)]
         weights = self._weights(parts, n)
         measure = (
             self.memory.measure(self.stepper.state_tensors())

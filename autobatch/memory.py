@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
+from autobatch.data import map_tensors
 from autobatch.emulate import EmulatedDevice, format_bytes
 
 __all__ = [
@@ -202,14 +202,8 @@ class DeviceMemory:
         """Move every tensor of ``batch`` to the device (a counted copy on an emulated device)."""
         if self._emulator is not None:
             return self._emulator.transfer(batch)
-        non_blocking = self.is_cuda
-
-        def move(t: Any) -> Any:
-            if isinstance(t, torch.Tensor):
-                return t.to(self.device, non_blocking=non_blocking)
-            return t
-
-        return tree_map(move, batch)
+        device, non_blocking = self.device, self.is_cuda
+        return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
     def describe(self) -> str:
         """One line for logs and tables: the limit and how it is enforced."""

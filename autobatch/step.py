@@ -6,6 +6,7 @@ backward, unscale, clipping, ``scaler.step`` and ``scaler.update`` (the order of
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -139,9 +140,11 @@ class Stepper:
         self._loss: torch.Tensor | None = None
         self.last_loss: torch.Tensor | None = None
 
-    def autocast(self) -> torch.autocast:
-        """The autocast region of the forward pass (disabled in fp32)."""
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.precision != "fp32")
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast region of the forward pass (none in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
         """Forward and scaled backward of one micro-batch; returns its unweighted loss, detached.
@@ -160,8 +163,10 @@ class Stepper:
         loss = loss.detach()
         # The step's loss is summed here, inside the step that the probe measures too, so that the
         # training loop holds no device tensor during its micro-steps that the probe did not count.
-        weighted = loss.float() * weight
-        self._loss = weighted if self._loss is None else self._loss.add_(weighted)
+        if self._loss is None:
+            self._loss = loss.float() * weight
+        else:
+            self._loss.add_(loss, alpha=weight)
         return loss
 
     def step(self) -> bool:
