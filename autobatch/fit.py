@@ -20,7 +20,7 @@ from autobatch.plan import plan
 from autobatch.probe import probe
 from autobatch.result import FitResult
 from autobatch.step import LossFn, StepFn, Stepper, resolve_precision
-from autobatch.validate import check_model_and_optimizer, check_positive_int, default_device
+from autobatch.validate import check_model_and_optimizer, check_positive_int, default_device, parse_device
 
 __all__ = ["fit"]
 
@@ -40,19 +40,7 @@ def _resolve_target_device(model: nn.Module, device: torch.device | str | None) 
     """The device to train on (the model is moved there only after every check passed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    if device is not None and not isinstance(device, (str, torch.device)):
-        raise TypeError(
-            f"Expected `device` to be a str or torch.device, but got {device!r} ({type(device).__name__})."
-        )
-    try:
-        dev = torch.device(device) if device is not None else default_device()
-    except RuntimeError as exc:
-        raise ValueError(
-            f"Expected `device` to be a device such as 'cuda' or 'cpu', but got {device!r}."
-        ) from exc
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+    return parse_device(device) if device is not None else default_device()
 
 
 def fit(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from autobatch.validate import check_positive_int
+
 __all__ = ["Plan", "plan"]
 
 
@@ -85,16 +87,6 @@ class Plan:
         return data
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"Expected `{name}` to be a positive int, but got {value!r} ({type(value).__name__})."
-        )
-    if value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int, but got {value}.")
-    return value
-
-
 def plan(micro_batch: int, target_batch: int, world_size: int = 1) -> Plan:
     """Plan the fewest near-equal micro-steps per rank that add up to ``target_batch`` exactly.
 
@@ -122,9 +114,9 @@ def plan(micro_batch: int, target_batch: int, world_size: int = 1) -> Plan:
         >>> plan(6, 32).accumulation_steps  # re-plan after backing off from 8 to 6
         6
     """
-    micro_batch = _check_positive_int("micro_batch", micro_batch)
-    target_batch = _check_positive_int("target_batch", target_batch)
-    world_size = _check_positive_int("world_size", world_size)
+    micro_batch = check_positive_int(micro_batch, "micro_batch")
+    target_batch = check_positive_int(target_batch, "target_batch")
+    world_size = check_positive_int(world_size, "world_size")
     if target_batch % world_size:
         below = target_batch - target_batch % world_size
         above = below + world_size

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_model_and_optimizer", "check_positive_int", "default_device", "resolve_device"]
+__all__ = [
+    "check_model_and_optimizer",
+    "check_positive_int",
+    "default_device",
+    "parse_device",
+    "resolve_device",
+]
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -32,6 +38,31 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``; a bare ``"cuda"`` becomes the current CUDA device.
+
+    Raises:
+        TypeError: ``device`` is not a str or ``torch.device``.
+        ValueError: it does not name a device.
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"Expected `device` to be a str or torch.device, but got {device!r} ({type(device).__name__})."
+        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"Expected `device` to be a device such as 'cuda' or 'cpu', but got {device!r}."
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` is {device!r} but CUDA is not available here; use 'cpu'.")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
@@ -50,18 +81,7 @@ def resolve_device(device: torch.device | str | None, model: nn.Module) -> torch
     here = _model_device(model)
     if device is None:
         return here if here is not None else torch.device("cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(
-            f"Expected `device` to be a str or torch.device, but got {device!r} ({type(device).__name__})."
-        )
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"Expected `device` to be a device such as 'cuda' or 'cpu', but got {device!r}."
-        ) from exc
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = parse_device(device)
     if here is not None and (here.type, here.index or 0) != (dev.type, dev.index or 0):
         raise ValueError(
             f"The model lives on {here} but `device` is {dev}: move it first with model.to({str(dev)!r}) "

@@ -878,3 +878,13 @@ def test_fit_result_serialises_and_renders() -> None:
 
 def test_public_api_exports_fit() -> None:
     assert autobatch.fit is fit and "fit" in autobatch.__all__
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_refused_before_touching_the_model() -> None:
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"`device` is 'cuda' but CUDA is not available"):
+        autobatch.fit(model, make_data(), device="cuda", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert next(model.parameters()).device.type == "cpu"
