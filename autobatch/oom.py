@@ -9,15 +9,16 @@ starts from a clean slate.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 
 from autobatch.errors import AutobatchError, NoBatchFitsError
 
-__all__ = ["is_oom", "release_memory", "run_shrinking"]
+__all__ = ["frozen_heap", "is_oom", "release_memory", "run_shrinking"]
 
 T = TypeVar("T")
 
@@ -134,6 +135,26 @@ def release_memory(*optimizers_or_models: torch.optim.Optimizer | torch.nn.Modul
     xpu = getattr(torch, "xpu", None)
     if xpu is not None and xpu.is_available():
         xpu.empty_cache()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave the objects that exist now out of the garbage collections made inside the block.
+
+    :func:`release_memory` collects garbage after every OOM, and a full collection walks every tracked
+    object: with torch imported that is a few hundred thousand objects, about 0.2 s each time. What a
+    failed step leaves behind was all created inside the block, so the older heap is frozen
+    (``gc.freeze``) for its duration and unfrozen after. When the caller has frozen objects itself,
+    nothing is changed.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run_shrinking(

@@ -22,7 +22,7 @@ from torch import nn
 from autobatch.data import SizeFn, as_source
 from autobatch.errors import NoBatchFitsError
 from autobatch.memory import DeviceMemory, format_bytes, parse_memory_limit, tensor_bytes
-from autobatch.oom import is_oom, release_memory
+from autobatch.oom import frozen_heap, is_oom, release_memory
 from autobatch.result import ProbeResult
 from autobatch.search import OutOfMemory, Peaks, Trial, search
 from autobatch.state import snapshot
@@ -131,19 +131,20 @@ class _Session:
     @contextlib.contextmanager
     def steady_state(self) -> Iterator[bool]:
         """Snapshot, cap memory and run the warm-up step; yields whether batch 1 fitted; restores all."""
-        snap = snapshot(self.model, self.optimizer, self.user_scaler)
-        try:
-            self.model.train()
-            with self.memory.capped():
-                try:
-                    self.try_step(1)  # creates the optimizer state: every trial then runs at steady state
-                except OutOfMemory:
-                    yield False
-                else:
-                    yield True
-        finally:
-            snap.restore()
-            release_memory(self.model, self.optimizer)
+        with frozen_heap():
+            snap = snapshot(self.model, self.optimizer, self.user_scaler)
+            try:
+                self.model.train()
+                with self.memory.capped():
+                    try:
+                        self.try_step(1)  # creates the optimizer state: trials then run at steady state
+                    except OutOfMemory:
+                        yield False
+                    else:
+                        yield True
+            finally:
+                snap.restore()
+                release_memory(self.model, self.optimizer)
 
     def nothing_fits(self) -> NoBatchFitsError:
         return _nothing_fits(self.memory, self.precision, self.model_state_bytes)

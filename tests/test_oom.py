@@ -198,3 +198,24 @@ def test_is_oom_real_cpu_allocator_failure() -> None:
     verdict, _, exc_type = result.stdout.strip().partition(" ")
     assert verdict == "True", f"stdout={result.stdout!r} stderr={result.stderr!r}"
     assert exc_type in {"RuntimeError", "OutOfMemoryError", "MemoryError"}
+
+
+def test_frozen_heap_freezes_only_inside_and_respects_a_callers_freeze() -> None:
+    import gc
+
+    from autobatch.oom import frozen_heap
+
+    outer = gc.get_freeze_count()
+    gc.unfreeze()  # the test session may have frozen its heap
+    try:
+        with frozen_heap():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen  # the caller's freeze is left in place
+    finally:
+        if not outer:
+            gc.unfreeze()
