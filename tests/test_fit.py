@@ -888,3 +888,56 @@ def test_cuda_requested_without_cuda_is_refused_before_touching_the_model() -> N
         autobatch.fit(model, make_data(), device="cuda", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fit_fp16_accumulates_and_survives_a_real_oom() -> None:
+    """On real CUDA: fp16 + GradScaler, the allocator capped, one real OOM injected mid-training."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(1024, 3, 64, 64, generator=g), torch.randint(0, 10, (1024,), generator=g)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+    state = {"items_calls": 0, "armed": False}
+
+    def num_items(batch: Any) -> int:
+        # Only the training loop calls num_items (the probe does not): arm one OOM in training.
+        state["items_calls"] += 1
+        if state["items_calls"] == 5:
+            state["armed"] = True
+        return len(batch[1])
+
+    def step_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+        if state["armed"]:
+            state["armed"] = False
+            torch.empty(64 * 2**30, dtype=torch.uint8, device="cuda")  # far past the cap: a real OOM
+        x, target = batch
+        return nn.functional.cross_entropy(m(x), target)
+
+    result = autobatch.fit(
+        model,
+        (X, y),
+        target_batch=512,
+        epochs=2,
+        step_fn=step_fn,
+        num_items=num_items,
+        memory_limit="512MiB",
+        device="cuda",
+        seed=0,
+        progress=False,
+    )
+    assert result.probe is not None and result.probe.precision == "fp16"
+    assert result.probe.capped_by is None, result.probe.summary()  # the cap binds
+    assert result.plan.accumulation_steps > 1 and result.plan.effective_batch == 512
+    assert result.samples == 2 * 1024
+    assert result.backoffs, "the injected OOM must have been survived by backing off"
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert torch.cuda.get_per_process_memory_fraction() == 1.0  # the cap is lifted afterwards
