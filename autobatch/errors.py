@@ -31,3 +31,22 @@ class NoBatchFitsError(AutobatchError):
         super().__init__(message)
         self.memory_limit = memory_limit
         self.model_state_bytes = model_state_bytes
+
+    @classmethod
+    def at_batch_one(cls, *, limit: int | None, precision: str, model_state_bytes: int) -> NoBatchFitsError:
+        """The error of a probe whose step ran out of memory at batch 1, with what to try."""
+        from autobatch.emulate import format_bytes
+
+        hints = ["a larger memory_limit", "a smaller model"]
+        if precision == "fp32":
+            hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
+        hints.append("an optimizer with less state (SGD instead of Adam)")
+        where = format_bytes(limit) if limit is not None else "the device capacity"
+        return cls(
+            f"Not even a batch of 1 sample fits: the training step ran out of memory under {where} "
+            f"with {format_bytes(model_state_bytes)} of model state in {precision}. Try "
+            + ", ".join(hints)
+            + ".",
+            memory_limit=limit,
+            model_state_bytes=model_state_bytes,
+        )

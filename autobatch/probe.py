@@ -21,7 +21,7 @@ from torch import nn
 
 from autobatch.data import SizeFn, as_source
 from autobatch.errors import NoBatchFitsError
-from autobatch.memory import DeviceMemory, format_bytes, parse_memory_limit, tensor_bytes
+from autobatch.memory import DeviceMemory, parse_memory_limit, tensor_bytes
 from autobatch.oom import frozen_heap, is_oom, release_memory
 from autobatch.result import ProbeResult
 from autobatch.search import OutOfMemory, Peaks, Trial, search
@@ -147,7 +147,9 @@ class _Session:
                 release_memory(self.model, self.optimizer)
 
     def nothing_fits(self) -> NoBatchFitsError:
-        return _nothing_fits(self.memory, self.precision, self.model_state_bytes)
+        return NoBatchFitsError.at_batch_one(
+            limit=self.memory.limit, precision=self.precision, model_state_bytes=self.model_state_bytes
+        )
 
 
 def probe(
@@ -303,21 +305,3 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> T
         except OutOfMemory:
             return Trial(batch_size, False, None, time.perf_counter() - started)
     return Trial(batch_size, True, peaks.step_bytes, time.perf_counter() - started, peaks.backward_bytes)
-
-
-def _nothing_fits(memory: DeviceMemory, precision: str, state: int) -> NoBatchFitsError:
-    limit = memory.limit
-    hints = ["a larger memory_limit", "a smaller model"]
-    if precision == "fp32":
-        hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
-    hints.append("an optimizer with less state (SGD instead of Adam)")
-    return NoBatchFitsError(
-        "Not even a batch of 1 sample fits: the training step ran out of memory under "
-        f"{format_bytes(limit) if limit is not None else 'the device capacity'}"
-        + f" with {format_bytes(state)} of model state"
-        + f" in {precision}. Try "
-        + ", ".join(hints)
-        + ".",
-        memory_limit=limit,
-        model_state_bytes=state,
-    )
