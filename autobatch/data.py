@@ -129,7 +129,7 @@ class DataSource:
             ) from None
         if self.length == 0:
             raise ValueError(f"Expected `{name}` to be a non-empty dataset, but got one with 0 samples.")
-        self._order_by_size: list[int] | None = None
+        self._order_by_size: dict[SizeFn, list[int]] = {}
 
     def __len__(self) -> int:
         return self.length
@@ -169,9 +169,9 @@ class DataSource:
         """Sample indices from the largest to the smallest, by ``size_fn`` (ties keep dataset order)."""
         if self.uniform and size_fn is None:
             return list(range(self.length))
-        if self._order_by_size is not None and size_fn is None:
-            return self._order_by_size
         fn = size_fn or default_size
+        if fn in self._order_by_size:  # the probe asks once per trial: size the dataset once
+            return self._order_by_size[fn]
         candidates: Sequence[int] = range(self.length)
         if self.length > SIZE_SCAN_LIMIT:
             generator = torch.Generator().manual_seed(0)
@@ -183,8 +183,7 @@ class DataSource:
                 self.length,
             )
         order = sorted(candidates, key=lambda i: -fn(self.dataset[i]))
-        if size_fn is None:
-            self._order_by_size = order
+        self._order_by_size[fn] = order
         return order
 
     def worst_case(self, batch_size: int, size_fn: SizeFn | None = None) -> Any:
