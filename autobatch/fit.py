@@ -15,7 +15,7 @@ from torch import nn
 from autobatch.data import SizeFn, as_source
 from autobatch.evaluate import PredictFn, evaluate
 from autobatch.loop import NumItemsFn, TrainLoop, warn_batchnorm
-from autobatch.memory import DeviceMemory, parse_memory_limit
+from autobatch.memory import DeviceMemory, resolve_memory_limit
 from autobatch.plan import plan
 from autobatch.probe import probe
 from autobatch.result import FitResult
@@ -136,7 +136,7 @@ def fit(
     if micro_batch is not None:
         check_positive_int(micro_batch, "micro_batch")
     _check_number(grad_clip, "grad_clip")
-    limit = parse_memory_limit(memory_limit)
+    limit = resolve_memory_limit(memory_limit)
     dev = _resolve_target_device(model, device)
     resolved = resolve_precision(precision, dev)
     optimizer = check_model_and_optimizer(model, optimizer)

@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,9 @@ __all__ = [
     "Measurement",
     "default_cpu_limit",
     "format_bytes",
+    "memory_limit_scope",
     "parse_memory_limit",
+    "resolve_memory_limit",
     "tensor_bytes",
 ]
 
@@ -95,6 +98,38 @@ def parse_memory_limit(value: int | str | None, *, name: str = "memory_limit") -
     if nbytes <= 0:
         raise ValueError(f"Expected `{name}` to be a positive size, but got {value!r}.")
     return nbytes
+
+
+_SCOPED_LIMIT: ContextVar[int | None] = ContextVar("autobatch_memory_limit", default=None)
+
+
+@contextlib.contextmanager
+def memory_limit_scope(limit: int | str) -> Iterator[int]:
+    """Inside the block, probe, fit and try_batch calls that pass no ``memory_limit`` use ``limit``.
+
+    The pytest kit's ``@pytest.mark.memory_limit("4GiB")`` is built on it. Scopes nest; the innermost wins.
+
+    Example:
+        >>> with memory_limit_scope("4GiB") as limit:
+        ...     resolve_memory_limit(None) == limit
+        True
+    """
+    nbytes = parse_memory_limit(limit)
+    if nbytes is None:
+        raise TypeError(
+            "Expected `memory_limit` to be an int of bytes or a string such as '8GiB', but got None."
+        )
+    token = _SCOPED_LIMIT.set(nbytes)
+    try:
+        yield nbytes
+    finally:
+        _SCOPED_LIMIT.reset(token)
+
+
+def resolve_memory_limit(value: int | str | None) -> int | None:
+    """``value`` in bytes; ``None`` means the enclosing :func:`memory_limit_scope`'s limit, if any."""
+    nbytes = parse_memory_limit(value)
+    return _SCOPED_LIMIT.get() if nbytes is None else nbytes
 
 
 def default_cpu_limit() -> int:

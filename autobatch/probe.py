@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from autobatch.data import SizeFn, as_source
 from autobatch.errors import NoBatchFitsError
-from autobatch.memory import DeviceMemory, parse_memory_limit, tensor_bytes
+from autobatch.memory import DeviceMemory, resolve_memory_limit, tensor_bytes
 from autobatch.oom import frozen_heap, is_oom, release_memory
 from autobatch.result import ProbeResult
 from autobatch.search import OutOfMemory, Peaks, Trial, search
@@ -67,7 +67,7 @@ class _Session:
         scaler: torch.amp.GradScaler | None,
         accumulate: bool,
     ) -> None:
-        limit = parse_memory_limit(memory_limit)
+        limit = resolve_memory_limit(memory_limit)
         self.accumulate = bool(accumulate)
         self.device = resolve_device(device, model)
         self.precision = resolve_precision(precision, self.device)
@@ -169,6 +169,7 @@ def probe(
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
     accumulate: bool = True,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> ProbeResult:
     """Find the largest micro-batch whose full training step fits in device memory.
 
@@ -194,6 +195,8 @@ def probe(
         accumulate: measure a micro-step that adds onto existing gradients, as every micro-step after
             the first of an accumulated batch does (a little more memory); ``False`` when training
             will not accumulate.
+        on_trial: called with each :class:`~autobatch.search.Trial` as it completes (progress
+            displays; the CLI uses it).
 
     Returns:
         A :class:`ProbeResult`; ``micro_batch`` is the batch size to train with.
@@ -235,7 +238,7 @@ def probe(
     outcome = None
     with session.steady_state() as warm:
         if warm:
-            outcome = search(session.try_step, cap=cap, limit=session.predict_limit)
+            outcome = search(session.try_step, cap=cap, limit=session.predict_limit, on_trial=on_trial)
     if outcome is None or outcome.best == 0:
         raise session.nothing_fits()
     best = outcome.best
@@ -266,12 +269,16 @@ def probe(
     return result
 
 
-def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> Trial:
+def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, **options: Any) -> Trial:
     """Run one steady-state training step at ``batch_size`` and report whether it fitted.
 
     Takes the options of :func:`probe` (``optimizer``, ``loss_fn``, ``step_fn``, ``precision``,
     ``memory_limit``, ``device``, ``size_fn``, ``grad_clip``, ``scaler``, ``accumulate``) and leaves the
     model untouched in the same way. Useful to check a batch size in CI, or to verify a probe exhaustively.
+
+    Args:
+        steps: training steps to run at ``batch_size`` after the warm-up; the trial fits only if all
+            of them do, and its peak is the highest of them.
 
     Example:
         >>> import torch
@@ -281,6 +288,7 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> T
         True
     """
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(steps, "steps")
     allowed = {
         "optimizer": None, "loss_fn": None, "step_fn": None, "precision": "auto",
         "memory_limit": None, "device": None, "size_fn": None, "grad_clip": None, "scaler": None,
@@ -300,8 +308,21 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, **options: Any) -> T
         if not warm:
             return Trial(batch_size, False, None, time.perf_counter() - started)
         started = time.perf_counter()
+        measured: list[Peaks] = []
         try:
-            peaks = session.try_step(batch_size)
+            for _ in range(steps):
+                measured.append(session.try_step(batch_size))
         except OutOfMemory:
             return Trial(batch_size, False, None, time.perf_counter() - started)
-    return Trial(batch_size, True, peaks.step_bytes, time.perf_counter() - started, peaks.backward_bytes)
+    return Trial(
+        batch_size,
+        True,
+        _highest(p.step_bytes for p in measured),
+        time.perf_counter() - started,
+        _highest(p.backward_bytes for p in measured),
+    )
+
+
+def _highest(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None

@@ -90,6 +90,7 @@ def search(
     limit: int | None = None,
     start: int = 1,
     clock: Callable[[], float] | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchOutcome:
     """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
 
@@ -99,6 +100,7 @@ def search(
         limit: the memory limit in bytes, used to predict the maximum from measured peaks.
         start: the first batch size tried.
         clock: a time source for ``Trial.seconds`` (``time.perf_counter`` by default).
+        on_trial: called with each :class:`Trial` as soon as it is measured (progress displays).
 
     Returns:
         A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
@@ -124,10 +126,13 @@ def search(
         try:
             peaks = try_step(batch)
         except OutOfMemory:
-            trials.append(Trial(batch, False, None, clock() - t0))
-            return False
-        trials.append(Trial(batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes))
-        return True
+            trial = Trial(batch, False, None, clock() - t0)
+        else:
+            trial = Trial(batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes)
+        trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        return trial.fitted
 
     candidate = max(1, min(start, cap))
     expected: bool | None = None  # what the model predicted for the candidate (None: not model-based)
