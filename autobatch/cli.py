@@ -1,86 +1,52 @@
-"""The command line: ``autobatch probe MODULE:ATTR`` and ``autobatch demo`` (also ``python -m autobatch``).
+"""The command line: ``autobatch probe MODEL``, ``autobatch demo`` and ``autobatch cache`` (also
+``python -m autobatch``).
 
-A thin front over the public API: it builds the arguments, calls :func:`autobatch.probe` or
-:func:`autobatch.fit`, and renders the returned data with rich, or prints it as JSON for CI.
+A thin front over the public API: it resolves the specs, calls :func:`autobatch.probe` or
+:func:`autobatch.fit` and renders the returned data with rich, or prints one JSON object for CI. With
+``--json`` (or a ``--format`` export) stdout carries only that object and everything for people goes to
+stderr, so ``FORCE_COLOR`` can never leak escape codes into a pipe.
 
-Exit codes: 0 success; 1 the probed micro-batch is below ``--min-batch``; 2 bad usage or arguments;
-3 not even a batch of one sample fits.
+Exit codes: 0 success; 1 an unexpected error; 2 bad usage (arguments, specs); 3 nothing fits, or the
+micro-batch is below ``--min-batch`` (the CI gate).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 import autobatch
+from autobatch.cli_inputs import build_inputs, positive_int
 from autobatch.errors import NoBatchFitsError
+from autobatch.plan import CONFIG_FORMATS, Plan, plan, uniform_plan
+from autobatch.validate import default_device, parse_device
 
-__all__ = ["main"]
+__all__ = ["EXIT_ERROR", "EXIT_NO_FIT", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "main"]
 
-EXIT_BELOW_MIN, EXIT_USAGE, EXIT_NO_FIT = 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_FIT = 0, 1, 2, 3
+JSON_SCHEMA_VERSION = 1
+"""Version of the ``--json`` object's layout; bumped on any incompatible change."""
 
-
-def _load(spec: str, what: str) -> Any:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"Expected {what} as MODULE:ATTR (e.g. mypkg.models:build), but got {spec!r}.")
-    sys.path.insert(0, "")  # like `python -m`: modules in the working directory can be named
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:  # a usage error (exit 2), not a crash that exits 1 like --min-batch
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc}).") from exc
-    finally:
-        sys.path.pop(0)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
-    return obj
+EXAMPLES = """\
+examples:
+  autobatch probe torchvision.models:resnet18 --input-shape 3,224,224 --num-classes 1000 \\
+      --memory-limit 8GiB --target-batch 256
+  autobatch probe models.py:build --data data.py:train_set --precision bf16 --json
+  autobatch probe mypkg.lm:make_model --seq-len 512 --vocab 32000 --format hf --target-batch 64
+  autobatch probe mypkg.nets:Net --input-shape 3,64,64 --min-batch 16 --json   # CI gate: exit 3 below 16
+  autobatch demo
+exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fits or below --min-batch
+"""
 
 
-def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Resolve MODULE:ATTR into a model, its data and extra probe options."""
-    target = _load(args.model, "model")
-    extra: dict[str, Any] = {}
-    if not isinstance(target, nn.Module) and callable(target):
-        target = target()
-    data = None
-    if isinstance(target, dict):
-        extra = {k: v for k, v in target.items() if k not in ("model", "data")}
-        data = target.get("data")
-        target = target.get("model")
-    elif isinstance(target, tuple) and len(target) == 2:
-        target, data = target
-    if not isinstance(target, nn.Module):
-        raise ValueError(
-            f"Expected {args.model!r} to be an nn.Module, a callable returning one, or returning "
-            f"(model, data) or a dict with 'model' and 'data'; got {type(target).__name__}."
-        )
-    if args.data is not None:
-        data = _load(args.data, "data")
-        if callable(data) and not hasattr(data, "__len__"):
-            data = data()
-    if data is None:
-        if args.input_shape is None:
-            raise ValueError(
-                "No data: pass --data MODULE:ATTR, have the model factory return (model, data), or "
-                "give --input-shape (and --classes) for random inputs."
-            )
-        shape = tuple(int(s) for s in args.input_shape.split(","))
-        count = args.samples
-        data = (torch.randn(count, *shape), torch.randint(0, args.classes, (count,)))
-    return target, data, extra
-
-
-def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -89,101 +55,192 @@ def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _cmd_probe(args: argparse.Namespace, console: Any) -> int:
-    model, data, extra = _model_and_data(args)
-    device = torch.device(args.device) if args.device else autobatch.validate.default_device()
+def _plans(args: argparse.Namespace, micro: int) -> tuple[Plan | None, dict[str, int] | None]:
+    target = args.target_batch if args.target_batch is not None else micro * args.world_size
+    if args.target_batch is None and args.format == "text":
+        return None, None
+    training = plan(micro, target, args.world_size)
+    config = (
+        uniform_plan(micro, target, args.world_size).to_config(args.format) if args.format != "text" else None
+    )
+    return (training if args.target_batch is not None else None), config
+
+
+def _progress(console: Any, enabled: bool) -> tuple[Any, Callable[[Any], None] | None]:
+    """A spinner on stderr that names each trial as it completes (only on a terminal)."""
+    if not enabled or not console.is_terminal:
+        return None, None
+    status = console.status("probing: warm-up step …")
+
+    def on_trial(trial: Any) -> None:
+        outcome = "fits" if trial.fitted else "[red]OOM[/]"
+        status.update(f"probing: batch {trial.batch} {outcome} · next trial …")
+
+    return status, on_trial
+
+
+def _cmd_probe(args: argparse.Namespace, out: Any, err: Any) -> int:
+    if args.target_batch is not None:
+        plan(1, args.target_batch, args.world_size)  # an indivisible target fails before the probe runs
+    model, data, options = build_inputs(args)
+    device = parse_device(args.device) if args.device else default_device()
     model.to(device)
-    options: dict[str, Any] = {
+    options = {
         "precision": args.precision,
         "memory_limit": args.memory_limit,
         "device": device,
         "max_batch": args.max_batch,
         "margin": args.margin,
         "multiple_of": args.multiple_of,
-        **extra,
+        **options,
     }
-    if "optimizer" not in extra:
-        options["optimizer"] = _optimizer(args.optimizer, model)
-    result = autobatch.probe(model, data, **options)
+    options.setdefault("optimizer", _optimizer(args.optimizer, model))
+    status, on_trial = _progress(err, not args.no_progress)
+    if status is not None:
+        status.start()
+    try:
+        result = autobatch.probe(model, data, on_trial=on_trial, **options)
+    finally:
+        if status is not None:
+            status.stop()
+    training, config = _plans(args, result.micro_batch)
     below = args.min_batch is not None and result.micro_batch < args.min_batch
+    shortfall = f"micro-batch {result.micro_batch} is below --min-batch {args.min_batch}" if below else None
+
+    human = err if (args.json or args.format != "text") else out
+    human.print(result)
+    if training is not None:
+        human.print(f"[bold]plan[/]: {training.describe()}", highlight=False)
+    if config is not None and args.format != "text":
+        human.print(f"[bold]{args.format} settings[/] (equal micro-batches): {config}", highlight=False)
+    if shortfall:
+        human.print(f"[red]{shortfall}[/]", highlight=False)
     if args.json:
-        print(json.dumps({**result.to_dict(), "ok": not below}, indent=2))
-    else:
-        console.print(result)
-        if below:
-            console.print(f"[red]micro-batch {result.micro_batch} is below --min-batch {args.min_batch}[/]")
-    return EXIT_BELOW_MIN if below else 0
+        payload = _probe_json(result, training, config, args)
+        payload.update(ok=not below, exit_code=EXIT_NO_FIT if below else EXIT_OK, error=shortfall)
+        _write_json(payload)
+    elif config is not None:
+        _write_json(config)
+    return EXIT_NO_FIT if below else EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace, console: Any) -> int:
+def _probe_json(
+    result: autobatch.ProbeResult, training: Plan | None, config: dict[str, int] | None, args: Any
+) -> dict[str, Any]:
+    data = result.to_dict()
+    fixed, per_sample = data.pop("fixed_bytes"), data.pop("bytes_per_sample")
+    data["memory_model"] = (
+        None if per_sample is None else {"fixed_bytes": fixed, "bytes_per_sample": per_sample}
+    )
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "autobatch_version": autobatch.__version__,
+        "torch_version": torch.__version__,
+        **data,
+        "min_batch": args.min_batch,
+        "plan": training.to_dict() if training is not None else None,
+        "config": {args.format: config} if config is not None else None,
+    }
+
+
+def _write_json(payload: dict[str, Any]) -> None:
+    # Plain print, never rich: stdout must hold exactly this object, free of markup and escape codes.
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _cmd_demo(args: argparse.Namespace, out: Any, err: Any) -> int:
     from autobatch.demo import DEMO_MEMORY_LIMIT, DigitsCNN, load_digits_data
 
     digits = load_digits_data(seed=args.seed)
     torch.manual_seed(args.seed)
-    model = DigitsCNN()
-    if not args.json:
-        console.print(
-            f"[bold]autobatch demo[/]: a CNN on scikit-learn's digits ({len(digits.train[1])} train, "
-            f"{len(digits.test[1])} held out), target batch {args.target_batch}, emulated device of "
-            f"{args.memory_limit or DEMO_MEMORY_LIMIT}"
-        )
+    human = err if args.json else out
+    limit = args.memory_limit or DEMO_MEMORY_LIMIT
+    human.print(
+        f"[bold]autobatch demo[/]: a CNN on scikit-learn's digits ({len(digits.train[1])} train, "
+        f"{len(digits.test[1])} held out), target batch {args.target_batch}, emulated device of {limit}"
+    )
     result = autobatch.fit(
-        model,
+        DigitsCNN(),
         digits.train,
         target_batch=args.target_batch,
         epochs=args.epochs,
         eval_data=digits.test,
         target_names=digits.target_names,
-        memory_limit=args.memory_limit or DEMO_MEMORY_LIMIT,
+        memory_limit=limit,
         device="cpu",
         seed=args.seed,
         progress=False if args.json else None,
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
     if result.probe is not None:
-        console.print(result.probe)
-    console.print(f"[bold]plan[/]: {result.plan.describe()}")
-    console.print(result)
+        human.print(result.probe)
+    human.print(f"[bold]plan[/]: {result.plan.describe()}", highlight=False)
+    human.print(result)
     if result.report is not None:
-        console.print(f"[bold]held-out classification report[/] (epoch {result.epochs})")
-        console.print(result.report.text, markup=False, highlight=False)
-    return 0
+        human.print(f"[bold]held-out classification report[/] (epoch {result.epochs})")
+        human.print(result.report.text, markup=False, highlight=False)
+    if args.json:
+        _write_json({"schema_version": JSON_SCHEMA_VERSION, **result.to_dict()})
+    return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autobatch",
         description="Find the largest micro-batch that fits, and train at any target batch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"autobatch {autobatch.__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log the probe's steps")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the probe's steps; tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{probe,demo}")
 
-    p = sub.add_parser("probe", help="probe the largest micro-batch of a model")
+    p = sub.add_parser(
+        "probe",
+        help="probe the largest micro-batch of a model",
+        description="Run the real training step at growing batch sizes and report the largest that fits.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "model",
-        help="MODULE:ATTR of an nn.Module, or of a callable returning a module, (model, data), or a "
-        "dict with 'model', 'data' and probe options",
+        help="package.module:attr or path/to/file.py:attr of an nn.Module, or of a zero-argument "
+        "factory returning a module, (model, data), or a dict with 'model', 'data' and probe options",
     )
-    p.add_argument("--data", help="MODULE:ATTR of a Dataset, DataLoader, tensors (X, y) or a callable")
-    p.add_argument("--input-shape", help="random inputs of this per-sample shape, e.g. 3,224,224")
-    p.add_argument("--classes", type=int, default=10, help="classes of the random labels (10)")
-    p.add_argument("--samples", type=int, default=4096, help="random samples to make (4096)")
-    p.add_argument("--memory-limit", help="e.g. 8GiB; CUDA caps its allocator, the CPU emulates a device")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    p.add_argument("--device", help="cuda, cuda:1, cpu … (default: CUDA if available)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
-    p.add_argument("--max-batch", type=int, help="never report more than this")
-    p.add_argument("--margin", type=float, default=0.0, help="fraction of the maximum to leave free")
-    p.add_argument("--multiple-of", type=int, default=1, help="round down to a multiple of this")
-    p.add_argument("--min-batch", type=int, help="exit 1 when the micro-batch is below this (CI)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    inputs = p.add_argument_group("data (one of)")
+    inputs.add_argument("--data", help="spec of a Dataset, DataLoader, tensors (X, y), or a factory of one")
+    inputs.add_argument("--input-shape", help="random inputs of this per-sample shape, e.g. 3,224,224")
+    inputs.add_argument("--seq-len", type=positive_int, help="random token sequences of this length")
+    inputs.add_argument("--vocab", type=positive_int, help="vocabulary size of the random tokens")
+    inputs.add_argument(
+        "--num-classes", "--classes", type=positive_int, help="classes of the random labels (10 for images)"
+    )
+    inputs.add_argument("--samples", type=positive_int, default=4096, help="random samples (4096)")
+    run = p.add_argument_group("training step")
+    run.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    run.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    run.add_argument("--memory-limit", help="e.g. 8GiB: caps the CUDA allocator; the CPU emulates a device")
+    run.add_argument("--device", help="cuda, cuda:1, cpu … (default: CUDA when available)")
+    result = p.add_argument_group("result")
+    result.add_argument("--target-batch", type=positive_int, help="plan accumulation for this batch")
+    result.add_argument("--world-size", type=positive_int, default=1, help="data-parallel ranks (1)")
+    result.add_argument("--max-batch", type=positive_int, help="never report more than this")
+    result.add_argument("--margin", type=float, default=0.0, help="fraction of the maximum to leave free")
+    result.add_argument("--multiple-of", type=positive_int, default=1, help="round down to a multiple")
+    result.add_argument("--min-batch", type=positive_int, help="exit 3 when the micro-batch is below this")
+    output = p.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="one JSON object on stdout (people: stderr)")
+    output.add_argument(
+        "--format",
+        default="text",
+        choices=["text", *CONFIG_FORMATS],
+        help="print the plan as the batch settings of Hugging Face, Lightning or DeepSpeed (JSON)",
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress spinner on stderr")
 
     d = sub.add_parser("demo", help="train a CNN on bundled digits on an emulated small device")
-    d.add_argument("--epochs", type=int, default=4)
-    d.add_argument("--target-batch", type=int, default=32)
+    d.add_argument("--epochs", type=positive_int, default=4)
+    d.add_argument("--target-batch", type=positive_int, default=32)
     d.add_argument("--memory-limit", help="the emulated device's size (default: the demo's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the fit result as JSON")
@@ -198,19 +255,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    console = Console(stderr=bool(getattr(args, "json", False)))
+    out, err = Console(), Console(stderr=True)
+    as_json = bool(getattr(args, "json", False))
+    command = {"probe": _cmd_probe, "demo": _cmd_demo}[args.command]
     try:
-        if args.command == "probe":
-            return _cmd_probe(args, console)
-        return _cmd_demo(args, console)
-    except (ValueError, TypeError) as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
-        return EXIT_USAGE
+        return command(args, out, err)
+    except (ValueError, TypeError) as exc:  # bad arguments and specs; the message names the culprit
+        code, message = EXIT_USAGE, f"error: {exc}"
     except NoBatchFitsError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": str(exc)}))
-        console.print(f"[red]no batch fits:[/] {exc}", highlight=False)
-        return EXIT_NO_FIT
+        code, message = EXIT_NO_FIT, f"no batch fits: {exc}"
+    except Exception as exc:
+        code, message = EXIT_ERROR, f"unexpected error: {type(exc).__name__}: {exc}"
+        if args.verbose:
+            err.print(traceback.format_exc(), markup=False, highlight=False)
+        else:
+            message += " (run with -v for the traceback)"
+    err.print(message, style="red", markup=False, highlight=False)
+    if as_json:
+        _write_json({"schema_version": JSON_SCHEMA_VERSION, "ok": False, "exit_code": code, "error": message})
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

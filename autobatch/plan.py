@@ -13,7 +13,10 @@ from typing import Any
 
 from autobatch.validate import check_positive_int
 
-__all__ = ["Plan", "plan"]
+__all__ = ["CONFIG_FORMATS", "Plan", "plan", "uniform_plan"]
+
+CONFIG_FORMATS = ("hf", "lightning", "deepspeed")
+"""Tools whose batch-size settings :meth:`Plan.to_config` writes."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,41 @@ class Plan:
         ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
         return f"{split} × {ranks} = {self.effective_batch}"
 
+    def to_config(self, tool: str) -> dict[str, int]:
+        """The plan as the batch-size settings of another trainer.
+
+        Args:
+            tool: ``"hf"`` (Hugging Face ``TrainingArguments``), ``"lightning"`` (a ``DataLoader``'s
+                ``batch_size`` and ``Trainer(accumulate_grad_batches=...)``) or ``"deepspeed"`` (the
+                config's batch keys). These tools take one micro-batch size for every step, so the plan
+                must have equal chunks: build it with :func:`uniform_plan`.
+
+        Raises:
+            ValueError: ``tool`` is unknown, or the chunks differ in size.
+
+        Example:
+            >>> uniform_plan(12, 32).to_config("deepspeed")
+            {'train_micro_batch_size_per_gpu': 8, 'gradient_accumulation_steps': 4, 'train_batch_size': 32}
+        """
+        if tool not in CONFIG_FORMATS:
+            raise ValueError(f"Expected `tool` to be one of {', '.join(CONFIG_FORMATS)}, but got {tool!r}.")
+        if len(set(self.chunks)) != 1:
+            raise ValueError(
+                f"{tool} takes one micro-batch size for every step, but this plan's chunks are "
+                f"{'+'.join(map(str, self.chunks))}; use uniform_plan({self.micro_batch}, "
+                f"{self.effective_batch}, {self.world_size})."
+            )
+        micro, steps = self.chunks[0], self.accumulation_steps
+        if tool == "hf":
+            return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": steps}
+        if tool == "lightning":
+            return {"batch_size": micro, "accumulate_grad_batches": steps}
+        return {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": steps,
+            "train_batch_size": self.effective_batch,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The plan's fields as JSON-ready built-ins (``chunks`` becomes a list)."""
         data = asdict(self)
@@ -136,3 +174,21 @@ def plan(micro_batch: int, target_batch: int, world_size: int = 1) -> Plan:
         effective_batch=target_batch,
         chunks=chunks,
     )
+
+
+def uniform_plan(micro_batch: int, target_batch: int, world_size: int = 1) -> Plan:
+    """Plan equal micro-steps: the largest micro-batch ≤ ``micro_batch`` that divides the per-rank batch.
+
+    Trainers that take a single micro-batch size (Hugging Face, Lightning, DeepSpeed) need this form;
+    :func:`plan` may instead split 32 into 11+11+10, which takes fewer steps.
+
+    Raises:
+        TypeError, ValueError: as :func:`plan`.
+
+    Example:
+        >>> uniform_plan(12, 32).chunks, uniform_plan(7, 30, world_size=2).chunks
+        ((8, 8, 8, 8), (5, 5, 5))
+    """
+    per_rank = plan(micro_batch, target_batch, world_size).per_rank_batch
+    micro = max(d for d in range(1, min(micro_batch, per_rank) + 1) if per_rank % d == 0)
+    return plan(micro, target_batch, world_size)
