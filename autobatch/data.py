@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data import TensorDataset as _TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -157,8 +157,17 @@ class DataSource:
             "`step_fn=lambda model, batch: loss` to compute the loss yourself."
         )
 
-    def epoch_order(self, shuffle: bool | None, generator: torch.Generator) -> list[int]:
-        """The sample order of one epoch: the DataLoader's sampler when it had one, else by ``shuffle``."""
+    def epoch_order(self, shuffle: bool | None, generator: torch.Generator, epoch: int = 0) -> list[int]:
+        """The sample order of one epoch: the DataLoader's sampler when it had one, else by ``shuffle``.
+
+        A ``DistributedSampler`` gives the global order it shards (its seed plus ``epoch``, as after
+        ``set_epoch``), without its padding: the training loop cuts each step into per-rank shares.
+        """
+        if isinstance(self.sampler, DistributedSampler) and shuffle is None:
+            if not self.sampler.shuffle:
+                return list(range(self.length))
+            seeded = torch.Generator().manual_seed(self.sampler.seed + epoch)
+            return torch.randperm(self.length, generator=seeded).tolist()
         if self.sampler is not None and shuffle is None:
             return [int(i) for i in self.sampler]
         if shuffle is False:

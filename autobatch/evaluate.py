@@ -19,6 +19,7 @@ from sklearn.metrics import classification_report
 from torch import nn
 
 from autobatch.data import DataSource, batch_size_of, slice_batch
+from autobatch.distributed import Group
 from autobatch.memory import DeviceMemory
 from autobatch.oom import release_memory, run_shrinking
 
@@ -109,6 +110,7 @@ def evaluate(
     target_names: Sequence[str] | None = None,
     predict_fn: PredictFn | None = None,
     epoch: int | None = None,
+    group: Group | None = None,
 ) -> EvalReport:
     """Predict every sample of ``source`` and score the predictions with sklearn.
 
@@ -121,9 +123,13 @@ def evaluate(
         target_names: class names for the report.
         predict_fn: ``predict_fn(model, batch) -> (predictions, labels)``; :func:`predict` by default.
         epoch: recorded in the report.
+        group: the data-parallel ranks: each predicts every ``world_size``-th sample and the predictions
+            of all ranks are gathered before scoring, so every rank returns the same report.
     """
     fn = predict_fn or predict
     order = list(range(len(source)))
+    if group is not None:
+        order = order[group.rank :: group.world_size]
     predictions: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     backoffs: list[tuple[int, int]] = []
@@ -161,8 +167,12 @@ def evaluate(
             position += batch_size_of(host)
     finally:
         model.train(was_training)
-    y_pred = np.concatenate(predictions)
-    y_true = np.concatenate(labels)
+    y_pred = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+    y_true = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    if group is not None:
+        gathered = group.gather((y_true, y_pred))
+        y_true = np.concatenate([t for t, _ in gathered])
+        y_pred = np.concatenate([p for _, p in gathered])
     return score(y_true, y_pred, target_names, batch_size=size, epoch=epoch, backoffs=backoffs)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autobatch import distributed
 from autobatch.data import SizeFn, as_source
 from autobatch.evaluate import PredictFn, evaluate
 from autobatch.loop import NumItemsFn, TrainLoop, warn_batchnorm
@@ -40,7 +41,9 @@ def _resolve_target_device(model: nn.Module, device: torch.device | str | None) 
     """The device to train on (the model is moved there only after every check passed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    return parse_device(device) if device is not None else default_device()
+    if device is not None:
+        return parse_device(device)
+    return distributed.local_device() or default_device()
 
 
 def fit(
@@ -139,8 +142,9 @@ def fit(
     limit = resolve_memory_limit(memory_limit)
     dev = _resolve_target_device(model, device)
     resolved = resolve_precision(precision, dev)
-    optimizer = check_model_and_optimizer(model, optimizer)
-    if any(optimizer.state.values()) and any(p.device != dev for p in model.parameters()):
+    module, ddp = distributed.unwrap(model)
+    optimizer = check_model_and_optimizer(module, optimizer)
+    if any(optimizer.state.values()) and any(p.device != dev for p in module.parameters()):
         raise ValueError(
             f"`optimizer` already holds state for parameters that are not on {dev}; move the model "
             "before creating its optimizer, or pass `device` matching the model."
@@ -157,24 +161,35 @@ def fit(
         raise TypeError(f"Expected `target_names` to be a sequence of str, but got {target_names!r}.")
     if eval_batch is not None:
         check_positive_int(eval_batch, "eval_batch")
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        raise NotImplementedError(
-            "autobatch.fit runs one process; under torchrun call autobatch.plan(micro, target, "
-            "world_size) and drive DDP yourself."
+    group = distributed.setup(dev)
+    world_size = group.world_size if group is not None else 1
+    plan(1, target_batch, world_size)  # a target the ranks cannot share fails before anything runs
+    if len(source) < world_size:
+        raise ValueError(
+            f"Expected `data` to hold at least one sample per rank ({world_size}), but got {len(source)}."
         )
 
     if seed is not None:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
-    model.to(dev)
+    order_seed = seed if seed is not None else int(torch.randint(2**62, ()).item())
+    module.to(dev)
+    sync_buffers = False
+    if group is not None:
+        order_seed = group.broadcast(order_seed)
+        if ddp is None:
+            ddp = distributed.wrap(module, dev)
+            sync_buffers = True  # what DDP's default broadcast_buffers=True gives, at a safe point
+        else:
+            sync_buffers = distributed.syncs_buffers(ddp)
+    main = group is None or group.is_main
     sched = scheduler(optimizer) if callable(scheduler) and not hasattr(scheduler, "step") else scheduler
 
     probed = None
     if micro_batch is None:
         probed = probe(
-            model,
+            module,
             source,
             optimizer=optimizer,
             loss_fn=loss_fn,
@@ -182,20 +197,28 @@ def fit(
             precision=resolved,
             memory_limit=limit,
             device=dev,
-            max_batch=target_batch,
+            max_batch=target_batch // world_size,  # a rank never needs more than its share
             margin=margin,
             multiple_of=multiple_of,
             size_fn=size_fn,
             grad_clip=grad_clip,
         )
         micro_batch = probed.micro_batch
-    initial = plan(micro_batch, target_batch)
-    logger.info("plan: %s", initial.describe())
-    warn_batchnorm(model, initial)
+    initial = plan(micro_batch, target_batch, world_size)
+    if main:
+        logger.info("plan: %s", initial.describe())
+        warn_batchnorm(module, initial)
 
     memory = DeviceMemory(dev, limit)
+    # Under DDP the forward runs through the wrapper (inside its no_sync()), as users' code does.
     stepper = Stepper(
-        model, optimizer, memory, resolved, loss_fn=loss_fn, step_fn=step_fn, grad_clip=grad_clip
+        ddp if ddp is not None else module,
+        optimizer,
+        memory,
+        resolved,
+        loss_fn=loss_fn,
+        step_fn=step_fn,
+        grad_clip=grad_clip,
     )
     loop = TrainLoop(
         stepper,
@@ -205,21 +228,23 @@ def fit(
         num_items=num_items,
         scheduler=sched,
         regrow_after=regrow_after,
-        progress=progress,
+        progress=progress if main else False,
+        group=group,
+        ddp=ddp,
+        sync_buffers=sync_buffers,
     )
     result = FitResult(probe=probed, plan=initial, final_plan=initial)
-    order_seed = seed if seed is not None else int(torch.randint(2**62, ()).item())
     with memory.capped():
         for epoch in range(epochs):
             generator = torch.Generator().manual_seed(order_seed + epoch)
-            order = source.epoch_order(shuffle, generator)
+            order = source.epoch_order(shuffle, generator, epoch)
             t0 = time.perf_counter()
             result.losses += loop.run_epoch(epoch, epochs, order, drop_last=drop_last)
             result.train_seconds += time.perf_counter() - t0
             result.epochs = epoch + 1
             if eval_source is not None:
                 report = evaluate(
-                    model,
+                    module,
                     eval_source,
                     memory,
                     stepper.autocast,
@@ -228,6 +253,7 @@ def fit(
                     target_names=target_names,
                     predict_fn=predict_fn,
                     epoch=epoch,
+                    group=group,
                 )
                 logger.info("epoch %d: accuracy %.4f", epoch + 1, report.accuracy)
                 result.evals.append(report)

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from autobatch import distributed
 from autobatch.data import DataSource, batch_size_of, slice_batch
 from autobatch.memory import DeviceMemory
-from autobatch.oom import release_memory, run_shrinking
+from autobatch.oom import is_oom, release_memory, run_shrinking
 from autobatch.plan import Plan, plan
 from autobatch.result import Backoff
 from autobatch.step import Stepper
@@ -59,6 +60,9 @@ class TrainLoop:
         scheduler: an LR scheduler stepped once per applied optimizer step.
         regrow_after: clean optimizer steps after a back-off before the micro-batch grows again.
         progress: tqdm bars: ``None`` shows them on a TTY only.
+        group: the data-parallel ranks (``None`` in one process); see :mod:`autobatch.distributed`.
+        ddp: the DDP wrapper whose ``no_sync()`` holds each micro-step's gradients local.
+        sync_buffers: broadcast rank 0's buffers after every step (DDP's ``broadcast_buffers``).
     """
 
     def __init__(
@@ -72,8 +76,15 @@ class TrainLoop:
         scheduler: Any = None,
         regrow_after: int = 50,
         progress: bool | None = None,
+        group: distributed.Group | None = None,
+        ddp: Any = None,
+        sync_buffers: bool = False,
     ) -> None:
         self.stepper = stepper
+        self.group = group
+        self.ddp = ddp
+        self.sync_buffers = sync_buffers
+        self.world_size = group.world_size if group is not None else 1
         self.source = source
         self.target_batch = target_batch
         self.max_micro = micro_batch
@@ -93,41 +104,75 @@ class TrainLoop:
     @property
     def plan(self) -> Plan:
         """The plan in force now."""
-        return plan(self.micro, self.target_batch)
+        return plan(self.micro, self.target_batch, self.world_size)
 
     @property
     def memory(self) -> DeviceMemory:
         return self.stepper.memory
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def _weights(self, parts: list[Any], total: int) -> list[float]:
+    def _weights(self, parts: list[Any], samples: int, items: float | None) -> list[float]:
+        """Each micro-loss's share of the whole (global) step: its samples, or its items."""
         if self.num_items is None:
-            return [batch_size_of(p) / total for p in parts]
-        items = [float(self.num_items(p)) for p in parts]
-        if sum(items) <= 0:
+            return [batch_size_of(p) / samples for p in parts]
+        assert items is not None  # counted by optimizer_step whenever num_items is set
+        return [float(self.num_items(p)) / items for p in parts]
+
+    def _count_items(self, host: Any) -> float:
+        """The items (e.g. non-padding tokens) of the whole step, over all ranks."""
+        assert self.num_items is not None
+        items = float(self.num_items(host)) if host is not None else 0.0
+        if self.group is not None:
+            items = self.group.sum([items])[0]
+        if items <= 0:
             raise ValueError(
                 f"Expected `num_items` to count at least one item in a step, but it counted {items}."
             )
-        return [n / sum(items) for n in items]
+        return items
 
-    def _accumulate(self, host: Any, micro: int) -> tuple[torch.Tensor, bool]:
-        """Run one optimizer step over ``host`` in chunks of at most ``micro``; returns (loss, applied)."""
-        n = batch_size_of(host)
-        parts = [slice_batch(host, a, b) for a, b in _chunk_bounds(micro, n)]
-        weights = self._weights(parts, n)
+    def _accumulate(
+        self, host: Any, micro: int, samples: int | None = None, items: float | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """Run one optimizer step over ``host`` in chunks of at most ``micro``; returns (loss, applied).
+
+        ``samples`` and ``items`` count the whole step over all ranks; ``host`` is this rank's share
+        (``None`` when the last, short step left this rank nothing).
+        """
+        n = batch_size_of(host) if host is not None else 0
+        parts = [slice_batch(host, a, b) for a, b in _chunk_bounds(micro, n)] if n else []
+        if self.num_items is not None and items is None:
+            items = self._count_items(host)
+        weights = self._weights(parts, samples if samples is not None else n, items)
         measure = (
             self.memory.measure(self.stepper.state_tensors())
             if self.memory.emulated
             else contextlib.nullcontext()
         )
+        out_of_memory = False
         with measure:
-            for part, weight in zip(parts, weights, strict=True):
-                self.stepper.backward(part, weight)
+            try:
+                with distributed.no_sync(self.ddp):
+                    for part, weight in zip(parts, weights, strict=True):
+                        self.stepper.backward(part, weight)
+            except Exception as exc:
+                if self.group is None or not is_oom(exc):
+                    raise
+                out_of_memory = True  # raised again below, once every rank knows
+            if self.group is not None:
+                ooms, loss = self.group.sum([float(out_of_memory), self.stepper.pending_loss()])
+                if ooms:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory on {int(ooms)} of {self.group.world_size} ranks; all back off"
+                    )
+                self.group.sum_gradients([p for p in self.stepper.model.parameters() if p.requires_grad])
             applied = self.stepper.step()
-        loss = self.stepper.last_loss
-        if loss is None:  # pragma: no cover - step() always leaves the loss of a step with micro-steps
+        if self.group is not None:
+            if self.sync_buffers:
+                self.group.broadcast_buffers(self.stepper.model)
+            return torch.tensor(loss), applied
+        if self.stepper.last_loss is None:  # pragma: no cover - a step always has a micro-step here
             raise RuntimeError("the training step ran no micro-step")
-        return loss, applied
+        return self.stepper.last_loss, applied
 
     def _release(self) -> None:
         self.stepper.reset_after_oom()
@@ -145,12 +190,27 @@ class TrainLoop:
             plan(new, self.target_batch).describe(),
         )
 
-    def optimizer_step(self, host: Any) -> torch.Tensor:
-        """One optimizer step over a whole effective batch, backing off on out-of-memory."""
-        n = batch_size_of(host)
-        first_try = min(self.micro, n)
+    def optimizer_step(self, host: Any, samples: int | None = None) -> torch.Tensor:
+        """One optimizer step over a whole effective batch, backing off on out-of-memory.
+
+        Args:
+            host: the step's batch on the host (this rank's share of it under DDP; may be ``None``).
+            samples: the step's samples over all ranks (default: the size of ``host``).
+        """
+        n = samples if samples is not None else batch_size_of(host)
+        items = None
+        if self.num_items is not None:
+            items = float(self.num_items(host)) if host is not None else 0.0
+            if self.group is not None:
+                items = self.group.sum([items])[0]
+            if items <= 0:
+                raise ValueError(
+                    f"Expected `num_items` to count at least one item in a step, but got {items}."
+                )
+        # Every rank starts from the same micro-batch, so that all back off alike.
+        first_try = min(self.micro, -(-n // self.world_size))
         (loss, applied), used = run_shrinking(
-            lambda micro: self._accumulate(host, micro),
+            lambda micro: self._accumulate(host, micro, n, items),
             first_try,
             release=self._release,
             on_shrink=self._backed_off,
@@ -181,6 +241,9 @@ class TrainLoop:
         if drop_last and steps and len(steps[-1]) < self.target_batch:
             steps.pop()
         self.stepper.model.train()
+        sizes = [len(step) for step in steps]
+        if self.group is not None:
+            steps = [distributed.share(step, self.group.rank, self.world_size) for step in steps]
         losses: list[torch.Tensor] = []
         started = time.perf_counter()
         samples = 0
@@ -191,10 +254,12 @@ class TrainLoop:
             disable=None if self.progress is None else not self.progress,
             leave=True,
         ) as bar:
-            for index, host in enumerate(self.source.loader(steps)):
-                loss = self.optimizer_step(host)
+            batches = self.source.loader([step for step in steps if step])
+            for index, (step, size) in enumerate(zip(steps, sizes, strict=True)):
+                host = next(batches) if step else None
+                loss = self.optimizer_step(host, size)
                 losses.append(loss)
-                samples += batch_size_of(host)
+                samples += size
                 bar.update(1)
                 if not bar.disable and (index % 10 == 0 or index == len(steps) - 1):
                     current = self.plan

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch import distributed
 from autobatch.data import SizeFn, as_source
 from autobatch.errors import NoBatchFitsError
 from autobatch.memory import DeviceMemory, resolve_memory_limit, tensor_bytes
@@ -69,7 +70,9 @@ class _Session:
     ) -> None:
         limit = resolve_memory_limit(memory_limit)
         self.accumulate = bool(accumulate)
+        model, _ = distributed.unwrap(model)  # every rank probes its own copy of the module
         self.device = resolve_device(device, model)
+        self.group = distributed.setup(self.device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model
         self.optimizer = check_model_and_optimizer(model, optimizer)
@@ -82,6 +85,9 @@ class _Session:
         self.predict_limit = self.memory.limit
         if self.predict_limit is None and self.device.type == "cuda":
             self.predict_limit = torch.cuda.get_device_properties(self.device).total_memory
+        if self.group is not None and self.predict_limit is not None:
+            # Ranks with different limits must still search alike: all predict from the smallest.
+            self.predict_limit = int(self.group.min([self.predict_limit])[0])
         # The probe steps with a scaler of its own whose scale starts at 1: a first step skipped for
         # inf gradients would not create the optimizer state that steady state needs.
         fp16 = self.precision == "fp16"
@@ -104,6 +110,7 @@ class _Session:
         batch = self.source.worst_case(batch_size, self.size_fn)
         self.steps += 1
         out_of_memory = False
+        backward_peak: int | None = None
         try:
             with self.memory.measure(self.stepper.state_tensors()) as measured:
                 if self.accumulate:
@@ -116,6 +123,16 @@ class _Session:
             if not is_oom(exc):
                 raise
             out_of_memory = True
+        backward_peak = None if out_of_memory else backward_peak
+        step_peak = None if out_of_memory else measured.peak_bytes
+        if self.group is not None:
+            # Every rank takes the branch of the worst rank: the search stays in lockstep.
+            flag, step_max, backward_max = self.group.max(
+                [float(out_of_memory), _or_minus_one(step_peak), _or_minus_one(backward_peak)]
+            )
+            out_of_memory = flag > 0
+            step_peak = None if step_max < 0 else int(step_max)
+            backward_peak = None if backward_max < 0 else int(backward_max)
         # Memory is released only here, outside the except block, whose traceback holds the failed
         # step's tensors.
         if out_of_memory:
@@ -125,8 +142,8 @@ class _Session:
             raise OutOfMemory
         if measured.resident_bytes is not None:
             self.model_state_bytes = max(self.model_state_bytes, measured.resident_bytes)
-        logger.debug("probe: batch %d fits, peak %s", batch_size, measured.peak_bytes)
-        return Peaks(measured.peak_bytes, backward_peak)
+        logger.debug("probe: batch %d fits, peak %s", batch_size, step_peak)
+        return Peaks(step_peak, backward_peak)
 
     @contextlib.contextmanager
     def steady_state(self) -> Iterator[bool]:
@@ -150,6 +167,10 @@ class _Session:
         return NoBatchFitsError.at_batch_one(
             limit=self.memory.limit, precision=self.precision, model_state_bytes=self.model_state_bytes
         )
+
+
+def _or_minus_one(value: int | None) -> float:
+    return -1.0 if value is None else float(value)
 
 
 def probe(
@@ -198,6 +219,11 @@ def probe(
         on_trial: called with each :class:`~autobatch.search.Trial` as it completes (progress
             displays; the CLI uses it).
 
+    Under torchrun (a process group of several ranks, or torchrun's environment, from which the group is
+    then initialised), every rank probes its own copy and the ranks agree after each trial: all ranks
+    return the same micro-batch, the one that fits on the tightest rank. A DDP-wrapped model is probed
+    through its ``module``.
+
     Returns:
         A :class:`ProbeResult`; ``micro_batch`` is the batch size to train with.
 
@@ -234,6 +260,8 @@ def probe(
     )
     dataset_size = len(session.source)
     cap = min(max_batch or dataset_size, dataset_size)
+    if session.group is not None:
+        cap = int(session.group.min([cap])[0])
     started = time.perf_counter()
     outcome = None
     with session.steady_state() as warm:

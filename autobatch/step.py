@@ -169,6 +169,10 @@ class Stepper:
             self._loss.add_(loss, alpha=weight)
         return loss
 
+    def pending_loss(self) -> float:
+        """The weighted loss of the micro-steps since the last step, as a number (a device sync)."""
+        return float(self._loss) if self._loss is not None else 0.0
+
     def step(self) -> bool:
         """Unscale, clip, step and update once per effective batch; True unless the step was skipped.
 

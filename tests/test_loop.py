@@ -160,7 +160,7 @@ def test_naive_weighting_would_not_match_for_uneven_chunks(monkeypatch: pytest.M
     expected = full_batch_grads(model, host, F.cross_entropy)
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=12)
-    monkeypatch.setattr(loop, "_weights", lambda parts, total: [1 / len(parts)] * len(parts))
+    monkeypatch.setattr(loop, "_weights", lambda parts, samples, items: [1 / len(parts)] * len(parts))
 
     loop._accumulate(host, 12)
 
