@@ -33,8 +33,13 @@ class NoBatchFitsError(AutobatchError):
         self.model_state_bytes = model_state_bytes
 
     @classmethod
-    def at_batch_one(cls, *, limit: int | None, precision: str, model_state_bytes: int) -> NoBatchFitsError:
-        """The error of a probe whose step ran out of memory at batch 1, with what to try."""
+    def at_batch_one(
+        cls, *, limit: int | None, precision: str, model_state_bytes: int, batch: int = 1
+    ) -> NoBatchFitsError:
+        """The error of a probe whose step ran out of memory at its smallest batch, with what to try.
+
+        ``batch`` is that smallest batch: 1, or 2 for models with BatchNorm, which cannot train on one.
+        """
         from autobatch.emulate import format_bytes
 
         hints = ["a larger memory_limit", "a smaller model"]
@@ -43,7 +48,8 @@ class NoBatchFitsError(AutobatchError):
         hints.append("an optimizer with less state (SGD instead of Adam)")
         where = format_bytes(limit) if limit is not None else "the device capacity"
         return cls(
-            f"Not even a batch of 1 sample fits: the training step ran out of memory under {where} "
+            f"Not even a batch of {batch} sample{'s' if batch != 1 else ''} fits: the training step ran out "
+            f"of memory under {where} "
             f"with {format_bytes(model_state_bytes)} of model state in {precision}. Try "
             + ", ".join(hints)
             + ".",

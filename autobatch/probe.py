@@ -104,6 +104,9 @@ class _Session:
         )
         self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
         self.steps = 0
+        # BatchNorm cannot train on one sample ("Expected more than 1 value per channel"): start at 2.
+        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.floor = 2 if has_batchnorm and len(self.source) >= 2 else 1
 
     def try_step(self, batch_size: int) -> Peaks:
         """One full training step on the worst-case batch; raises OutOfMemory when it does not fit."""
@@ -154,7 +157,8 @@ class _Session:
                 self.model.train()
                 with self.memory.capped():
                     try:
-                        self.try_step(1)  # creates the optimizer state: trials then run at steady state
+                        # Creates the optimizer state: the trials then run at steady state.
+                        self.try_step(self.floor)
                     except OutOfMemory:
                         yield False
                     else:
@@ -165,7 +169,10 @@ class _Session:
 
     def nothing_fits(self) -> NoBatchFitsError:
         return NoBatchFitsError.at_batch_one(
-            limit=self.memory.limit, precision=self.precision, model_state_bytes=self.model_state_bytes
+            limit=self.memory.limit,
+            precision=self.precision,
+            model_state_bytes=self.model_state_bytes,
+            batch=self.floor,
         )
 
 
@@ -266,7 +273,14 @@ def probe(
     outcome = None
     with session.steady_state() as warm:
         if warm:
-            outcome = search(session.try_step, cap=cap, limit=session.predict_limit, on_trial=on_trial)
+            outcome = search(
+                session.try_step,
+                cap=cap,
+                limit=session.predict_limit,
+                on_trial=on_trial,
+                start=session.floor,
+                floor=session.floor,
+            )
     if outcome is None or outcome.best == 0:
         raise session.nothing_fits()
     best = outcome.best

@@ -91,6 +91,7 @@ def search(
     start: int = 1,
     clock: Callable[[], float] | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    floor: int = 1,
 ) -> SearchOutcome:
     """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
 
@@ -101,6 +102,8 @@ def search(
         start: the first batch size tried.
         clock: a time source for ``Trial.seconds`` (``time.perf_counter`` by default).
         on_trial: called with each :class:`Trial` as soon as it is measured (progress displays).
+        floor: the smallest batch that can train at all (2 for BatchNorm in training mode); never
+            tried below.
 
     Returns:
         A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
@@ -134,7 +137,7 @@ def search(
             on_trial(trial)
         return trial.fitted
 
-    candidate = max(1, min(start, cap))
+    candidate = max(floor, min(start, cap))
     expected: bool | None = None  # what the model predicted for the candidate (None: not model-based)
     while True:
         fitted = run(candidate)
@@ -143,10 +146,10 @@ def search(
         else:
             hi = candidate
         trust_model = expected is None or expected == fitted
-        if lo >= cap or (hi is not None and hi - lo <= 1) or hi == 1:
+        if lo >= cap or (hi is not None and (hi - lo <= 1 or hi <= floor)):
             break
-        if lo == 0:  # the start did not fit: halve towards 1
-            candidate, expected = max(1, candidate // 2), None
+        if lo == 0:  # the start did not fit: halve towards the floor
+            candidate, expected = max(floor, candidate // 2), None
             continue
         model = fit_memory_model(trials) if limit is not None else None
         predicted_max = model.predict_max(limit) if (model is not None and limit is not None) else None

@@ -630,3 +630,29 @@ def test_cuda_probe_then_train_under_the_same_cap() -> None:
             stepper.step()
         torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated(device) <= parse_memory_limit("1GiB")  # type: ignore[operator]
+
+
+# -- BatchNorm cannot train on one sample ---------------------------------------------------------
+
+
+def _batchnorm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def test_batchnorm_model_is_probed_from_batch_two_and_matches_exhaustive() -> None:
+    model = _batchnorm_mlp()
+    data = (torch.randn(256, 16), torch.randint(0, 4, (256,)))
+    result = probe(model, data, memory_limit="64KiB", precision="fp32", device="cpu")
+    assert min(t.batch for t in result.trials) == 2  # batch 1 raises in BatchNorm1d's training mode
+    exact = result.max_fitting_batch
+    fits = [
+        try_batch(model, data, b, memory_limit="64KiB", precision="fp32").fitted for b in (exact, exact + 1)
+    ]
+    assert fits == [True, False]
+
+
+def test_batchnorm_model_that_cannot_fit_two_names_batch_two() -> None:
+    data = (torch.randn(64, 16), torch.randint(0, 4, (64,)))
+    with pytest.raises(NoBatchFitsError, match="batch of 2 samples"):
+        probe(_batchnorm_mlp(), data, memory_limit="8KiB", precision="fp32", device="cpu")

@@ -248,3 +248,22 @@ def test_fit_memory_model_needs_two_measured_points() -> None:
 def test_a_flat_or_falling_model_predicts_nothing() -> None:
     assert MemoryModel(1_000.0, 0.0).predict_max(10_000) is None
     assert MemoryModel(1_000.0, -5.0).predict_max(10_000) is None
+
+
+def test_search_never_tries_below_its_floor() -> None:
+    tried: list[int] = []
+
+    def step(batch: int) -> Peaks:
+        tried.append(batch)
+        if batch > 5:
+            raise OutOfMemory
+        return Peaks(100 * batch, 100 * batch)
+
+    outcome = search(step, cap=1000, start=8, floor=2)
+    assert outcome.best == 5 and min(tried) >= 2
+
+    tried.clear()
+    outcome = search(
+        lambda b: (tried.append(b), (_ for _ in ()).throw(OutOfMemory()))[1], cap=100, start=2, floor=2
+    )
+    assert outcome.best == 0 and tried == [2]
