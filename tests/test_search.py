@@ -262,8 +262,10 @@ def test_search_never_tries_below_its_floor() -> None:
     outcome = search(step, cap=1000, start=8, floor=2)
     assert outcome.best == 5 and min(tried) >= 2
 
+    def never_fits(batch: int) -> Peaks:
+        tried.append(batch)
+        raise OutOfMemory
+
     tried.clear()
-    outcome = search(
-        lambda b: (tried.append(b), (_ for _ in ()).throw(OutOfMemory()))[1], cap=100, start=2, floor=2
-    )
+    outcome = search(never_fits, cap=100, start=2, floor=2)
     assert outcome.best == 0 and tried == [2]
