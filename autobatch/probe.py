@@ -9,26 +9,23 @@ are restored bit for bit before :func:`probe` returns or raises.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from autobatch import distributed
-from autobatch.data import SizeFn, as_source
-from autobatch.errors import NoBatchFitsError
-from autobatch.memory import DeviceMemory, resolve_memory_limit, tensor_bytes
-from autobatch.oom import frozen_heap, is_oom, release_memory
+from autobatch.cache import ProbeCache, cache_key, fingerprint
+from autobatch.data import SizeFn
 from autobatch.result import ProbeResult
 from autobatch.search import OutOfMemory, Peaks, Trial, search
-from autobatch.state import snapshot
-from autobatch.step import LossFn, StepFn, Stepper, resolve_precision
-from autobatch.validate import check_model_and_optimizer, check_positive_int, resolve_device
+from autobatch.session import Session
+from autobatch.step import LossFn, StepFn
+from autobatch.validate import check_positive_int
 
 __all__ = ["ProbeResult", "apply_margin", "probe", "try_batch"]
 
@@ -49,137 +46,6 @@ def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
     return rounded if rounded >= 1 else after_margin
 
 
-class _Session:
-    """The validated setup shared by :func:`probe` and :func:`try_batch`: one step function, one device."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Any,
-        *,
-        optimizer: torch.optim.Optimizer | None,
-        loss_fn: LossFn | None,
-        step_fn: StepFn | None,
-        precision: str,
-        memory_limit: int | str | None,
-        device: torch.device | str | None,
-        size_fn: SizeFn | None,
-        grad_clip: float | None,
-        scaler: torch.amp.GradScaler | None,
-        accumulate: bool,
-    ) -> None:
-        limit = resolve_memory_limit(memory_limit)
-        self.accumulate = bool(accumulate)
-        model, _ = distributed.unwrap(model)  # every rank probes its own copy of the module
-        self.device = resolve_device(device, model)
-        self.group = distributed.setup(self.device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model
-        self.optimizer = check_model_and_optimizer(model, optimizer)
-        self.source = as_source(data)
-        if step_fn is None:
-            self.source.check_labelled()
-        self.size_fn = size_fn
-        self.user_scaler = scaler
-        self.memory = DeviceMemory(self.device, limit, emulate=self.device.type != "cuda")
-        self.predict_limit = self.memory.limit
-        if self.predict_limit is None and self.device.type == "cuda":
-            self.predict_limit = torch.cuda.get_device_properties(self.device).total_memory
-        if self.group is not None and self.predict_limit is not None:
-            # Ranks with different limits must still search alike: all predict from the smallest.
-            self.predict_limit = int(self.group.min([self.predict_limit])[0])
-        # The probe steps with a scaler of its own whose scale starts at 1: a first step skipped for
-        # inf gradients would not create the optimizer state that steady state needs.
-        fp16 = self.precision == "fp16"
-        probe_scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=fp16)
-        self.stepper = Stepper(
-            model,
-            self.optimizer,
-            self.memory,
-            self.precision,
-            loss_fn=loss_fn,
-            step_fn=step_fn,
-            grad_clip=grad_clip,
-            scaler=probe_scaler,
-        )
-        self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
-        self.steps = 0
-        # BatchNorm cannot train on one sample ("Expected more than 1 value per channel"): start at 2.
-        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        self.floor = 2 if has_batchnorm and len(self.source) >= 2 else 1
-
-    def try_step(self, batch_size: int) -> Peaks:
-        """One full training step on the worst-case batch; raises OutOfMemory when it does not fit."""
-        batch = self.source.worst_case(batch_size, self.size_fn)
-        self.steps += 1
-        out_of_memory = False
-        backward_peak: int | None = None
-        try:
-            with self.memory.measure(self.stepper.state_tensors()) as measured:
-                if self.accumulate:
-                    # A micro-step after the first adds onto existing gradients: measure that one too.
-                    self.stepper.backward(batch, 0.5)
-                self.stepper.backward(batch, 0.5 if self.accumulate else 1.0)
-                backward_peak = measured.peak_so_far()
-                self.stepper.step()
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            out_of_memory = True
-        backward_peak = None if out_of_memory else backward_peak
-        step_peak = None if out_of_memory else measured.peak_bytes
-        if self.group is not None:
-            # Every rank takes the branch of the worst rank: the search stays in lockstep.
-            flag, step_max, backward_max = self.group.max(
-                [float(out_of_memory), _or_minus_one(step_peak), _or_minus_one(backward_peak)]
-            )
-            out_of_memory = flag > 0
-            step_peak = None if step_max < 0 else int(step_max)
-            backward_peak = None if backward_max < 0 else int(backward_max)
-        # Memory is released only here, outside the except block, whose traceback holds the failed
-        # step's tensors.
-        if out_of_memory:
-            del batch
-            self.stepper.reset_after_oom()
-            release_memory(self.model, self.optimizer)
-            raise OutOfMemory
-        if measured.resident_bytes is not None:
-            self.model_state_bytes = max(self.model_state_bytes, measured.resident_bytes)
-        logger.debug("probe: batch %d fits, peak %s", batch_size, step_peak)
-        return Peaks(step_peak, backward_peak)
-
-    @contextlib.contextmanager
-    def steady_state(self) -> Iterator[bool]:
-        """Snapshot, cap memory and run the warm-up step; yields whether batch 1 fitted; restores all."""
-        with frozen_heap():
-            snap = snapshot(self.model, self.optimizer, self.user_scaler)
-            try:
-                self.model.train()
-                with self.memory.capped():
-                    try:
-                        # Creates the optimizer state: the trials then run at steady state.
-                        self.try_step(self.floor)
-                    except OutOfMemory:
-                        yield False
-                    else:
-                        yield True
-            finally:
-                snap.restore()
-                release_memory(self.model, self.optimizer)
-
-    def nothing_fits(self) -> NoBatchFitsError:
-        return NoBatchFitsError.at_batch_one(
-            limit=self.memory.limit,
-            precision=self.precision,
-            model_state_bytes=self.model_state_bytes,
-            batch=self.floor,
-        )
-
-
-def _or_minus_one(value: int | None) -> float:
-    return -1.0 if value is None else float(value)
-
-
 def probe(
     model: nn.Module,
     data: Any,
@@ -198,6 +64,8 @@ def probe(
     scaler: torch.amp.GradScaler | None = None,
     accumulate: bool = True,
     on_trial: Callable[[Trial], None] | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ProbeResult:
     """Find the largest micro-batch whose full training step fits in device memory.
 
@@ -225,6 +93,10 @@ def probe(
             will not accumulate.
         on_trial: called with each :class:`~autobatch.search.Trial` as it completes (progress
             displays; the CLI uses it).
+        cache: reuse the result of an earlier probe of the same setup from the on-disk cache, and store
+            this one (see :mod:`autobatch.cache`); ``False`` always probes and stores nothing.
+        cache_dir: the cache directory (default: ``$AUTOBATCH_CACHE_DIR``, else the user cache
+            directory, e.g. ``~/.cache/autobatch``).
 
     Under torchrun (a process group of several ranks, or torchrun's environment, from which the group is
     then initialised), every rank probes its own copy and the ranks agree after each trial: all ranks
@@ -251,7 +123,7 @@ def probe(
     check_positive_int(multiple_of, "multiple_of")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
         raise ValueError(f"Expected `margin` to be a fraction in [0, 1), but got {margin!r}.")
-    session = _Session(
+    session = Session(
         model,
         data,
         optimizer=optimizer,
@@ -269,6 +141,11 @@ def probe(
     cap = min(max_batch or dataset_size, dataset_size)
     if session.group is not None:
         cap = int(session.group.min([cap])[0])
+    options = {"max_batch": cap, "margin": margin, "multiple_of": multiple_of, "accumulate": accumulate}
+    store = _Store.open(session, cache, cache_dir, options, loss_fn, step_fn, size_fn, grad_clip)
+    if store is not None and (hit := store.lookup()) is not None:
+        logger.info("probe: %s", hit.summary())
+        return hit
     started = time.perf_counter()
     outcome = None
     with session.steady_state() as warm:
@@ -308,6 +185,8 @@ def probe(
         seconds=time.perf_counter() - started,
     )
     logger.info("probe: %s", result.summary())
+    if store is not None:
+        store.save(result)
     return result
 
 
@@ -339,7 +218,7 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"try_batch() got unexpected options {unknown}; expected some of {sorted(allowed)}.")
-    session = _Session(model, data, **{**allowed, **options})
+    session = Session(model, data, **{**allowed, **options})
     if batch_size > len(session.source):
         raise ValueError(
             f"Expected `batch_size` to be at most the dataset size {len(session.source)}, "
@@ -368,3 +247,60 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
 def _highest(values: Iterable[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
+
+
+class _Store:
+    """The probe cache as one probe sees it: rank 0 reads and writes, and tells the other ranks."""
+
+    def __init__(self, session: Session, cache: ProbeCache, fp: dict[str, Any]) -> None:
+        self.session, self.cache, self.fingerprint, self.key = session, cache, fp, cache_key(fp)
+
+    @classmethod
+    def open(
+        cls,
+        session: Session,
+        cache: bool,
+        cache_dir: str | os.PathLike[str] | None,
+        options: dict[str, Any],
+        *callables_and_clip: Any,
+    ) -> _Store | None:
+        if not isinstance(cache, bool):
+            raise TypeError(f"Expected `cache` to be a bool, but got {cache!r} ({type(cache).__name__}).")
+        if not cache:
+            return None
+        store = ProbeCache(cache_dir)
+        loss_fn, step_fn, size_fn, grad_clip = callables_and_clip
+        fp = fingerprint(
+            model=session.model,
+            optimizer=session.optimizer,
+            precision=session.precision,
+            device=session.device,
+            # Under a group the answer depends on the tightest rank's limit, not on this rank's.
+            memory_limit=session.predict_limit if session.group is not None else session.memory.limit,
+            world_size=session.group.world_size if session.group is not None else 1,
+            sample=session.source.worst_case(1, session.size_fn),
+            dataset_size=len(session.source),
+            options={
+                **options,
+                "loss_fn": loss_fn,
+                "step_fn": step_fn,
+                "size_fn": size_fn,
+                "grad_clip": grad_clip,
+            },
+        )
+        return cls(session, store, fp)
+
+    @property
+    def _main(self) -> bool:
+        return self.session.group is None or self.session.group.is_main
+
+    def lookup(self) -> ProbeResult | None:
+        hit = self.cache.get(self.key) if self._main else None
+        if self.session.group is not None:  # every rank takes rank 0's answer, hit or miss
+            found = self.session.group.broadcast(hit.to_dict() if hit is not None else None)
+            hit = ProbeResult.from_dict(found) if found is not None else None
+        return hit
+
+    def save(self, result: ProbeResult) -> None:
+        if self._main:
+            self.cache.put(self.key, result, self.fingerprint)

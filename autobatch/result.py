@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from autobatch.evaluate import EvalReport
@@ -39,6 +40,7 @@ class ProbeResult:
         margin: the fraction left free.
         multiple_of: the rounding applied.
         seconds: wall time of the probe.
+        cached: whether the result came from the on-disk probe cache instead of a probe run.
     """
 
     micro_batch: int
@@ -58,10 +60,38 @@ class ProbeResult:
     margin: float = 0.0
     multiple_of: int = 1
     seconds: float = 0.0
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (trials as dicts)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
+        """The result :meth:`to_dict` returned ``data`` for (trials rebuilt as :class:`Trial`).
+
+        Raises:
+            TypeError: ``data`` is not a mapping, has unknown fields, or a field has the wrong type.
+            KeyError: a required field is missing.
+            ValueError: ``micro_batch`` or ``max_fitting_batch`` is not positive.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"Expected `data` to be a mapping, but got {type(data).__name__}.")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"Expected `data` to hold ProbeResult fields, but got unknown {sorted(unknown)}.")
+        values = dict(data)
+        for name in ("micro_batch", "max_fitting_batch"):
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}.")
+            if value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive int, but got {value}.")
+        trials = values.get("trials", [])
+        if not isinstance(trials, list):
+            raise TypeError(f"Expected `trials` to be a list, but got {type(trials).__name__}.")
+        values["trials"] = [Trial(**trial) for trial in trials]
+        return cls(**values)
 
     def summary(self) -> str:
         """One line for logs: ``micro-batch 48 (largest fitting 48, 49 OOM) in 6 steps, 1 OOM``."""
@@ -73,12 +103,16 @@ class ProbeResult:
             f"micro-batch {self.micro_batch} (largest fitting {self.max_fitting_batch}, {why}) on "
             f"{self.device} in {self.precision}, {self.steps} steps, {self.ooms} OOM"
             + ("s" if self.ooms != 1 else "")
+            + (" (cached)" if self.cached else "")
         )
 
     def __rich__(self) -> Any:
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"autobatch probe: micro-batch {self.micro_batch}", title_justify="left")
+        title = f"autobatch probe: micro-batch {self.micro_batch}" + (" (cached)" if self.cached else "")
+        table = Table()
         table.add_column("batch", justify="right")
         table.add_column("fits")
         table.add_column("peak", justify="right")
@@ -90,17 +124,23 @@ class ProbeResult:
                 _bytes(trial.peak_bytes),
                 f"{trial.seconds:.3f}",
             )
-        caption = [
+        # Below the table, one fact per line: a caption would wrap them to the table's narrow width.
+        lines = [
             self.summary(),
-            f"limit {self.limit_kind}",
-            f"model state {_bytes(self.model_state_bytes)}",
+            f"limit {self.limit_kind} · model state {_bytes(self.model_state_bytes)}",
         ]
         if self.bytes_per_sample is not None:
-            caption.append(f"memory ≈ {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch")
+            lines.append(
+                f"memory model: {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch"
+            )
         if self.margin or self.multiple_of > 1:
-            caption.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
-        table.caption = " · ".join(caption)
-        return table
+            lines.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
+        # The title too: as a table title it would wrap to the table's width.
+        return Group(
+            Text(title, style="bold"),
+            table,
+            *(Text(line, style="dim" if i else "bold") for i, line in enumerate(lines)),
+        )
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,18 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import settings
 
 from tests.models import Case, cnn_case, mlp_case, transformer_case
 
 # The models are tiny: one intra-op thread is faster than two, and far faster on a shared 2-core CI
 # machine where OpenMP threads spin against other processes.
 torch.set_num_threads(1)
+
+# Timing is not what the property tests check: on a loaded 2-core CI machine a fast example can take
+# longer than hypothesis' default 200 ms deadline and fail for no reason.
+settings.register_profile("autobatch", deadline=None)
+settings.load_profile("autobatch")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,6 +39,12 @@ def _frozen_heap() -> Iterator[None]:
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _private_probe_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets an empty probe cache: a result cached by one test must not answer another's probe."""
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path_factory.mktemp("probe-cache")))
 
 
 @pytest.fixture

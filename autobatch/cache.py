@@ -1,0 +1,257 @@
+"""The on-disk probe cache: a second run on the same setup reuses the probe's answer and trains at once.
+
+A result is stored as one JSON file per setup, named after the :func:`~autobatch.cachekey.cache_key` of
+the setup's :func:`~autobatch.cachekey.fingerprint`; any change gives a new key and a new probe. Writes
+go to a temporary file in the same directory, fsynced, then renamed over the target: concurrent writers
+never leave a partial file. A corrupt or unreadable file is ignored with one
+:class:`AutobatchCacheWarning` and rewritten by the next put; an unwritable directory only warns.
+
+Example:
+    >>> import tempfile, torch
+    >>> fp = fingerprint(model=torch.nn.Linear(8, 2), optimizer=None, precision="fp32", device=torch.device(
+    ...     "cpu"), memory_limit=None, world_size=1, sample=torch.randn(4, 8), dataset_size=64)
+    >>> cache = ProbeCache(tempfile.mkdtemp())
+    >>> result = ProbeResult(4, 4, None, "dataset", "cpu", "fp32", None, "none")
+    >>> cache.put(cache_key(fp), result, fp) is not None, cache.get(cache_key(fp)).cached
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from autobatch.cachekey import CACHE_FORMAT, cache_key, fingerprint, json_safe
+from autobatch.result import ProbeResult
+
+__all__ = [
+    "CACHE_FORMAT",
+    "ENV_VAR",
+    "AutobatchCacheWarning",
+    "CacheEntry",
+    "ProbeCache",
+    "cache_key",
+    "default_cache_dir",
+    "fingerprint",
+]
+
+ENV_VAR = "AUTOBATCH_CACHE_DIR"
+"""The environment variable that overrides the default cache directory."""
+
+_GLOB, _TMP_PREFIX, _TMP_SUFFIX = "probe-*.json", ".probe-", ".tmp"
+
+
+class AutobatchCacheWarning(UserWarning):
+    """A cache file could not be read or written; the probe runs (or its result is not stored)."""
+
+
+def default_cache_dir() -> Path:
+    """``$AUTOBATCH_CACHE_DIR`` when set and non-empty, else the platform's user cache directory."""
+    override = os.environ.get(ENV_VAR)
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(local) / "autobatch" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "autobatch"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says a relative path is invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "autobatch"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One stored probe result, as :meth:`ProbeCache.entries` lists it."""
+
+    key: str
+    path: Path
+    created: str
+    micro_batch: int
+    device: str
+    precision: str
+    memory_limit: int | None
+    model: str
+    size_bytes: int
+
+
+def _when(created: str) -> datetime:
+    """``created`` as an aware datetime (a naive one is taken as UTC), so that entries sort."""
+    when = datetime.fromisoformat(created)
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+class _Corrupt(Exception):
+    """A cache file that exists but cannot be used."""
+
+
+class ProbeCache:
+    """Probe results on disk, one JSON file per key, in ``directory``.
+
+    Args:
+        directory: where the files live; ``None`` for :func:`default_cache_dir` (read now).
+
+    Raises:
+        TypeError: ``directory`` is not a str, ``os.PathLike`` or None.
+        ValueError: ``directory`` is an empty string.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        if directory is None:
+            directory = default_cache_dir()
+        elif not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(
+                f"Expected `cache_dir` to be a directory path (str or os.PathLike) or None, but got "
+                f"{directory!r} ({type(directory).__name__})."
+            )
+        elif directory == "":
+            raise ValueError(
+                "Expected `cache_dir` to be a directory path, but got ''; pass None for default."
+            )
+        self.directory = Path(directory).expanduser()
+        self._write_warned = False
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds ``key``'s result."""
+        if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{40,}", key):
+            raise ValueError(f"Expected `key` to be a hex digest from cache_key(), but got {key!r}.")
+        return self.directory / f"probe-{key[:40]}.json"
+
+    def _load(self, path: Path) -> tuple[dict[str, Any], ProbeResult, int]:
+        """The file's JSON, its result and its size; raises FileNotFoundError when absent, else _Corrupt."""
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise  # absent (the directory may not exist yet): a plain miss
+        except OSError as exc:
+            raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if data["format"] != CACHE_FORMAT:
+                raise ValueError(f"format {data['format']!r}, expected {CACHE_FORMAT}")
+            if not isinstance(data["key"], str) or not isinstance(data["fingerprint"], dict):
+                raise TypeError("`key` or `fingerprint` has the wrong type")
+            _when(data["created"])
+            result = ProbeResult.from_dict(data["result"])
+        except (KeyError, TypeError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+            raise _Corrupt(f"not a valid cache file ({type(exc).__name__}: {exc})") from exc
+        return data, result, len(raw)
+
+    @staticmethod
+    def _warn_corrupt(path: Path, why: str) -> None:
+        warnings.warn(
+            f"Ignoring the probe cache file {path}: {why}. The probe runs again and rewrites it; "
+            "delete the file, or pass cache=False, to silence this.",
+            AutobatchCacheWarning,
+            stacklevel=3,
+        )
+
+    def get(self, key: str) -> ProbeResult | None:
+        """The stored result for ``key`` with ``cached=True``, or ``None`` when absent or unusable."""
+        path = self.path_for(key)
+        try:
+            data, result, _ = self._load(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except _Corrupt as exc:
+            self._warn_corrupt(path, str(exc))
+            return None
+        if data["key"] != key:  # a prefix collision or a copied file: not ours, a plain miss
+            return None
+        return replace(result, cached=True)
+
+    def put(self, key: str, result: ProbeResult, fingerprint: Mapping[str, Any]) -> Path | None:
+        """Store ``result`` (as uncached) for ``key`` atomically; the path, or ``None`` if it could not."""
+        if not isinstance(result, ProbeResult):
+            raise TypeError(f"Expected `result` to be a ProbeResult, but got {type(result).__name__}.")
+        path = self.path_for(key)
+        payload = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "fingerprint": json_safe(dict(fingerprint)),
+            "result": replace(result, cached=False).to_dict(),
+        }
+        text = json.dumps(payload, indent=1, sort_keys=True)
+        tmp: str | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from others
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if not self._write_warned:
+                self._write_warned = True
+                warnings.warn(
+                    f"Could not write the probe cache in {self.directory} ({exc.strerror or exc}); the "
+                    f"result is not stored. Set {ENV_VAR} or pass cache_dir= to a writable directory.",
+                    AutobatchCacheWarning,
+                    stacklevel=2,
+                )
+            return None
+        return path
+
+    def entries(self) -> list[CacheEntry]:
+        """Every valid stored result, newest first; a corrupt file is skipped with one warning."""
+        found = []
+        for path in self.directory.glob(_GLOB) if self.directory.is_dir() else ():
+            try:
+                data, result, size = self._load(path)
+            except FileNotFoundError:  # removed by a concurrent clear()
+                continue
+            except _Corrupt as exc:
+                self._warn_corrupt(path, str(exc))
+                continue
+            try:
+                model = str(data["fingerprint"]["model"]["modules"][0][1]).rsplit(".", 1)[-1]
+            except (KeyError, IndexError, TypeError):  # a fingerprint not made by fingerprint()
+                model = "?"
+            found.append(
+                CacheEntry(
+                    key=data["key"],
+                    path=path,
+                    created=data["created"],
+                    micro_batch=result.micro_batch,
+                    device=result.device,
+                    precision=result.precision,
+                    memory_limit=result.memory_limit,
+                    model=model,
+                    size_bytes=size,
+                )
+            )
+        found.sort(key=lambda e: (_when(e.created), e.key), reverse=True)
+        return found
+
+    def clear(self) -> int:
+        """Delete every stored result (and temporary files left by interrupted writes); how many results."""
+        if not self.directory.is_dir():
+            return 0
+        removed = 0
+        for pattern in (_GLOB, f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+            for path in self.directory.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):  # a concurrent clear() got there first
+                    path.unlink()
+                    if pattern == _GLOB:
+                        removed += 1
+        return removed
