@@ -18,14 +18,16 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import autobatch
-from autobatch.cli_inputs import build_inputs, positive_int
+from autobatch.cli_args import build_parser
+from autobatch.cli_inputs import build_inputs
 from autobatch.errors import NoBatchFitsError
-from autobatch.plan import CONFIG_FORMATS, Plan, plan, uniform_plan
+from autobatch.plan import Plan, plan, uniform_plan
 from autobatch.validate import default_device, parse_device
 
 __all__ = ["EXIT_ERROR", "EXIT_NO_FIT", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "main"]
@@ -33,17 +35,6 @@ __all__ = ["EXIT_ERROR", "EXIT_NO_FIT", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VE
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_FIT = 0, 1, 2, 3
 JSON_SCHEMA_VERSION = 1
 """Version of the ``--json`` object's layout; bumped on any incompatible change."""
-
-EXAMPLES = """\
-examples:
-  autobatch probe torchvision.models:resnet18 --input-shape 3,224,224 --num-classes 1000 \\
-      --memory-limit 8GiB --target-batch 256
-  autobatch probe models.py:build --data data.py:train_set --precision bf16 --json
-  autobatch probe mypkg.lm:make_model --seq-len 512 --vocab 32000 --format hf --target-batch 64
-  autobatch probe mypkg.nets:Net --input-shape 3,64,64 --min-batch 16 --json   # CI gate: exit 3 below 16
-  autobatch demo
-exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fits or below --min-batch
-"""
 
 
 def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -92,6 +83,8 @@ def _cmd_probe(args: argparse.Namespace, out: Any, err: Any) -> int:
         "max_batch": args.max_batch,
         "margin": args.margin,
         "multiple_of": args.multiple_of,
+        "cache": not args.no_cache,
+        "cache_dir": args.cache_dir,
         **options,
     }
     options.setdefault("optimizer", _optimizer(args.optimizer, model))
@@ -114,10 +107,15 @@ def _cmd_probe(args: argparse.Namespace, out: Any, err: Any) -> int:
     if config is not None and args.format != "text":
         human.print(f"[bold]{args.format} settings[/] (equal micro-batches): {config}", highlight=False)
     if shortfall:
-        human.print(f"[red]{shortfall}[/]", highlight=False)
+        err.print(f"[red]{shortfall}[/]", highlight=False, soft_wrap=True)
     if args.json:
         payload = _probe_json(result, training, config, args)
-        payload.update(ok=not below, exit_code=EXIT_NO_FIT if below else EXIT_OK, error=shortfall)
+        payload.update(
+            ok=not below,
+            exit_code=EXIT_NO_FIT if below else EXIT_OK,
+            error_kind="below --min-batch" if below else None,
+            error=shortfall,
+        )
         _write_json(payload)
     elif config is not None:
         _write_json(config)
@@ -171,6 +169,8 @@ def _cmd_demo(args: argparse.Namespace, out: Any, err: Any) -> int:
         device="cpu",
         seed=args.seed,
         progress=False if args.json else None,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
     )
     if result.probe is not None:
         human.print(result.probe)
@@ -184,95 +184,107 @@ def _cmd_demo(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="autobatch",
-        description="Find the largest micro-batch that fits, and train at any target batch.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"autobatch {autobatch.__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log the probe's steps; tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{probe,demo}")
+def _cmd_cache(args: argparse.Namespace, out: Any, err: Any) -> int:
+    from rich.table import Table
 
-    p = sub.add_parser(
-        "probe",
-        help="probe the largest micro-batch of a model",
-        description="Run the real training step at growing batch sizes and report the largest that fits.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "model",
-        help="package.module:attr or path/to/file.py:attr of an nn.Module, or of a zero-argument "
-        "factory returning a module, (model, data), or a dict with 'model', 'data' and probe options",
-    )
-    inputs = p.add_argument_group("data (one of)")
-    inputs.add_argument("--data", help="spec of a Dataset, DataLoader, tensors (X, y), or a factory of one")
-    inputs.add_argument("--input-shape", help="random inputs of this per-sample shape, e.g. 3,224,224")
-    inputs.add_argument("--seq-len", type=positive_int, help="random token sequences of this length")
-    inputs.add_argument("--vocab", type=positive_int, help="vocabulary size of the random tokens")
-    inputs.add_argument(
-        "--num-classes", "--classes", type=positive_int, help="classes of the random labels (10 for images)"
-    )
-    inputs.add_argument("--samples", type=positive_int, default=4096, help="random samples (4096)")
-    run = p.add_argument_group("training step")
-    run.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
-    run.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    run.add_argument("--memory-limit", help="e.g. 8GiB: caps the CUDA allocator; the CPU emulates a device")
-    run.add_argument("--device", help="cuda, cuda:1, cpu … (default: CUDA when available)")
-    result = p.add_argument_group("result")
-    result.add_argument("--target-batch", type=positive_int, help="plan accumulation for this batch")
-    result.add_argument("--world-size", type=positive_int, default=1, help="data-parallel ranks (1)")
-    result.add_argument("--max-batch", type=positive_int, help="never report more than this")
-    result.add_argument("--margin", type=float, default=0.0, help="fraction of the maximum to leave free")
-    result.add_argument("--multiple-of", type=positive_int, default=1, help="round down to a multiple")
-    result.add_argument("--min-batch", type=positive_int, help="exit 3 when the micro-batch is below this")
-    output = p.add_argument_group("output")
-    output.add_argument("--json", action="store_true", help="one JSON object on stdout (people: stderr)")
-    output.add_argument(
-        "--format",
-        default="text",
-        choices=["text", *CONFIG_FORMATS],
-        help="print the plan as the batch settings of Hugging Face, Lightning or DeepSpeed (JSON)",
-    )
-    output.add_argument("--no-progress", action="store_true", help="no progress spinner on stderr")
+    from autobatch.cache import ProbeCache
+    from autobatch.memory import format_bytes
 
-    d = sub.add_parser("demo", help="train a CNN on bundled digits on an emulated small device")
-    d.add_argument("--epochs", type=positive_int, default=4)
-    d.add_argument("--target-batch", type=positive_int, default=32)
-    d.add_argument("--memory-limit", help="the emulated device's size (default: the demo's)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--json", action="store_true", help="print the fit result as JSON")
-    return parser
+    store = ProbeCache(args.cache_dir)
+    if args.action == "clear":
+        removed = store.clear()
+        human = err if args.json else out
+        human.print(f"removed {removed} cached probe result(s) from {store.directory}", highlight=False)
+        if args.json:
+            _write_json(
+                {"schema_version": JSON_SCHEMA_VERSION, "directory": str(store.directory), "removed": removed}
+            )
+        return EXIT_OK
+    entries = store.entries()
+    if args.json:
+        _write_json(
+            {
+                "schema_version": JSON_SCHEMA_VERSION,
+                "directory": str(store.directory),
+                "entries": [{**vars(e), "path": str(e.path)} for e in entries],
+            }
+        )
+        return EXIT_OK
+    table = Table(title="autobatch probe cache", title_justify="left")
+    for column in ("created (UTC)", "model", "device", "dtype", "limit", "micro", "key"):
+        table.add_column(column, justify="right" if column == "micro" else "left", no_wrap=True)
+    for e in entries:
+        limit = format_bytes(e.memory_limit) if e.memory_limit is not None else "–"
+        table.add_row(
+            e.created[:16].replace("T", " "),
+            e.model,
+            e.device,
+            e.precision,
+            limit,
+            str(e.micro_batch),
+            e.key[:8],
+        )
+    out.print(table)
+    out.print(f"{len(entries)} result(s) in {store.directory}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _raised_by_autobatch(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by autobatch's own checks (a usage error), not inside the user's code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = Path(autobatch.__file__).resolve().parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from rich.console import Console
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     out, err = Console(), Console(stderr=True)
     as_json = bool(getattr(args, "json", False))
-    command = {"probe": _cmd_probe, "demo": _cmd_demo}[args.command]
+    command = {"probe": _cmd_probe, "demo": _cmd_demo, "cache": _cmd_cache}[args.command]
+    failure: BaseException
     try:
         return command(args, out, err)
-    except (ValueError, TypeError) as exc:  # bad arguments and specs; the message names the culprit
-        code, message = EXIT_USAGE, f"error: {exc}"
     except NoBatchFitsError as exc:
-        code, message = EXIT_NO_FIT, f"no batch fits: {exc}"
+        code, kind, message = EXIT_NO_FIT, "no batch fits", str(exc)
+    except (ValueError, TypeError) as exc:
+        if _raised_by_autobatch(exc):  # a bad argument or spec; the message names the culprit
+            code, kind, message = EXIT_USAGE, "error", str(exc)
+        else:  # raised inside the user's model, data or loss: their bug, with its traceback
+            code, kind, message = EXIT_ERROR, "unexpected error", f"{type(exc).__name__}: {exc}"
+            failure = exc
     except Exception as exc:
-        code, message = EXIT_ERROR, f"unexpected error: {type(exc).__name__}: {exc}"
-        if args.verbose:
-            err.print(traceback.format_exc(), markup=False, highlight=False)
+        code, kind, message = EXIT_ERROR, "unexpected error", f"{type(exc).__name__}: {exc}"
+        failure = exc
+    if code == EXIT_ERROR:
+        if verbose:
+            err.print("".join(traceback.format_exception(failure)), markup=False, highlight=False)
         else:
             message += " (run with -v for the traceback)"
-    err.print(message, style="red", markup=False, highlight=False)
+    # One line, however narrow the terminal: CI logs are read with grep.
+    err.print(f"{kind}: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
     if as_json:
-        _write_json({"schema_version": JSON_SCHEMA_VERSION, "ok": False, "exit_code": code, "error": message})
+        _write_json(
+            {
+                "schema_version": JSON_SCHEMA_VERSION,
+                "ok": False,
+                "exit_code": code,
+                "error_kind": kind,
+                "error": message,
+            }
+        )
     return code
 
 

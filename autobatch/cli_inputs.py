@@ -18,18 +18,7 @@ from torch import nn
 
 from autobatch.spec import SpecError, load_spec
 
-__all__ = ["build_inputs", "positive_int", "token_loss"]
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an int ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, but got {text!r}")
-    return value
+__all__ = ["build_inputs", "token_loss"]
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

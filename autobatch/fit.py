@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ def fit(
     drop_last: bool = False,
     regrow_after: int = 50,
     progress: bool | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Train ``model`` with an effective batch of exactly ``target_batch``, whatever the device holds.
 
@@ -114,6 +117,9 @@ def fit(
         drop_last: drop a last step smaller than ``target_batch``.
         regrow_after: clean steps after an OOM back-off before the micro-batch grows back.
         progress: tqdm progress bars (``None``: only on a TTY).
+        cache: reuse a probe result of the same setup from the on-disk cache (and store new ones), so
+            a second run starts training at once; ``False`` always probes.
+        cache_dir: the cache directory (default: ``$AUTOBATCH_CACHE_DIR``, else the user cache directory).
 
     Returns:
         A :class:`~autobatch.result.FitResult`.
@@ -202,6 +208,8 @@ def fit(
             multiple_of=multiple_of,
             size_fn=size_fn,
             grad_clip=grad_clip,
+            cache=cache,
+            cache_dir=cache_dir,
         )
         micro_batch = probed.micro_batch
     initial = plan(micro_batch, target_batch, world_size)
