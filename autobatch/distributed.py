@@ -136,6 +136,10 @@ def setup(device: torch.device | None = None) -> Group | None:
     """
     if not dist.is_available():
         return None
+    # Before the group exists, so that its own initialisation is logged once too (a no-op without one).
+    # Logger filters apply where a record is made, not where it propagates: filter every module's logger.
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "autobatch"]:
+        logging.getLogger(name).addFilter(_MAIN_RANK_ONLY)  # idempotent: a filter is added once
     if not dist.is_initialized():
         if not _launched_by_torchrun():
             return None
@@ -147,9 +151,6 @@ def setup(device: torch.device | None = None) -> Group | None:
     world_size = dist.get_world_size()
     if world_size == 1:
         return None
-    # Logger filters apply where a record is made, not where it propagates: filter every module's logger.
-    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "autobatch"]:
-        logging.getLogger(name).addFilter(_MAIN_RANK_ONLY)  # idempotent: a filter is added once
     if dist.get_backend() == "nccl":
         comm_device = torch.device("cuda", torch.cuda.current_device())
     else:

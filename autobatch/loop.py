@@ -185,9 +185,9 @@ class TrainLoop:
             "out of memory at micro-batch %d (epoch %d, step %d): redoing the step with %d; plan %s",
             old,
             self._epoch + 1,
-            self.steps,
+            self.steps + 1,
             new,
-            plan(new, self.target_batch).describe(),
+            plan(new, self.target_batch, self.world_size).describe(),
         )
 
     def optimizer_step(self, host: Any, samples: int | None = None) -> torch.Tensor:

@@ -1,0 +1,362 @@
+"""The ranks of :mod:`tests.test_distributed`: importable, so that spawned processes can unpickle them.
+
+:func:`launch` starts ``world_size`` processes with torchrun's environment (``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and runs a list of scenarios in each, in
+order; each rank's results come back as a dict per scenario. Starting a rank costs seconds (importing
+torch, scikit-learn, and torch._dynamo with the first optimizer), so one launch runs many scenarios.
+
+The shared factories (:func:`mlp`, :func:`vectors`, :class:`Indexed`, :func:`record_ids`) build the same
+model and data in a rank as in the single-process reference that the tests compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+import autobatch
+from autobatch.step import Stepper
+
+__all__ = [
+    "MODELS",
+    "SCENARIOS",
+    "Indexed",
+    "LaunchError",
+    "free_port",
+    "items",
+    "launch",
+    "mlp",
+    "mlp_bn",
+    "record_ids",
+    "vectors",
+]
+
+LR = 0.1
+
+
+# -- shared model and data -------------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Module:
+    """A 16 → 64 → 4 MLP with seeded weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def vectors(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random 16-vectors and labels in 0..3, the same for every seed on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+class Indexed(Dataset[dict[str, torch.Tensor]]):
+    """Samples ``{"x", "y", "idx"}`` that carry their own index, so a step can tell which it saw."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.x, self.y = vectors(n, seed)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i], "idx": torch.tensor(i)}
+
+
+def mlp_bn(seed: int = 0) -> nn.Module:
+    """The MLP with a BatchNorm layer, whose running statistics each rank computes on its own samples."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+
+
+MODELS = {"mlp": mlp, "mlp_bn": mlp_bn}
+
+
+def items(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``num_items``: sample ``i`` counts as ``i % 3 + 1`` items (tokens, say)."""
+    return (batch["idx"] % 3 + 1).sum()
+
+
+def record_ids(
+    seen: list[int], *, weighted: bool = False
+) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """A ``step_fn`` that appends the indices of each micro-batch to ``seen``.
+
+    With ``weighted``, the loss is the mean over :func:`items` (each sample's loss counts
+    ``idx % 3 + 1`` times), as a token-level loss averages over a micro-batch's tokens.
+    """
+
+    def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.extend(int(i) for i in batch["idx"].tolist())
+        losses = nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+        if not weighted:
+            return losses.mean()
+        counts = (batch["idx"] % 3 + 1).to(losses.dtype)
+        return (losses * counts).sum() / counts.sum()
+
+    return step_fn
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR)
+
+
+def fit_options(**overrides: Any) -> dict[str, Any]:
+    """The options every distributed fit and its single-process reference share."""
+    return {"precision": "fp32", "device": "cpu", "progress": False, **overrides}
+
+
+def summary(result: autobatch.FitResult) -> dict[str, Any]:
+    return {
+        "micro_batch": result.probe.micro_batch if result.probe is not None else None,
+        "plan": result.plan.to_dict(),
+        "final_plan": result.final_plan.to_dict(),
+        "backoffs": list(result.backoffs),
+        "steps": result.steps,
+        "samples": result.samples,
+        "losses": result.losses,
+        "report": result.report.to_dict() if result.report is not None else None,
+    }
+
+
+# -- scenarios: each runs in every rank and returns that rank's results ----------------------------
+def probe_own_limit(rank: int, limits: list[str], n: int) -> dict[str, Any]:
+    """Probe with this rank's own emulated memory limit."""
+    model = mlp()
+    result = autobatch.probe(
+        model, vectors(n), optimizer=sgd(model), precision="fp32", memory_limit=limits[rank], device="cpu"
+    )
+    return {"micro_batch": result.micro_batch, "max_fitting_batch": result.max_fitting_batch}
+
+
+def fit_tensors(
+    rank: int, n: int, eval_n: int | None = None, model: str = "mlp", **options: Any
+) -> dict[str, Any]:
+    """``fit`` a plain (unwrapped) model on tensors; fit wraps it in DDP itself."""
+    net = MODELS[model]()
+    eval_data = vectors(eval_n, seed=1) if eval_n else None
+    result = autobatch.fit(net, vectors(n), optimizer=sgd(net), eval_data=eval_data, **fit_options(**options))
+    return {**summary(result), "weights": weights(net)}
+
+
+def fit_indexed(
+    rank: int, n: int, weighted: bool = False, rng_per_rank: bool = False, **options: Any
+) -> dict[str, Any]:
+    """``fit`` on :class:`Indexed` samples, recording the sample ids this rank trained on.
+
+    Args:
+        weighted: weight micro-losses by :func:`items` (``num_items``) instead of samples.
+        rng_per_rank: seed torch differently on each rank first, as unrelated processes are.
+    """
+    model, seen = mlp(), []
+    if rng_per_rank:
+        torch.manual_seed(1000 + rank)
+    if weighted:
+        options["num_items"] = items
+    step_fn = record_ids(seen, weighted=weighted)
+    result = autobatch.fit(model, Indexed(n), optimizer=sgd(model), step_fn=step_fn, **fit_options(**options))
+    return {**summary(result), "weights": weights(model), "seen": seen}
+
+
+def fit_oom_on_rank(rank: int, oom_rank: int, oom_call: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` while the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory."""
+    original, calls = Stepper.backward, [0]
+
+    def backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
+        calls[0] += 1
+        if rank == oom_rank and calls[0] == oom_call:
+            raise torch.OutOfMemoryError("injected")
+        return original(self, batch, weight)
+
+    Stepper.backward = backward  # type: ignore[method-assign]
+    try:
+        out = fit_tensors(rank, n, **options)
+    finally:
+        Stepper.backward = original  # type: ignore[method-assign]
+    return {**out, "backward_calls": calls[0]}
+
+
+def fit_error(rank: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` that is expected to refuse its arguments: the error comes back instead of raising."""
+    model = mlp()
+    try:
+        autobatch.fit(model, vectors(n), optimizer=sgd(model), **fit_options(**options))
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"error": None, "message": ""}
+
+
+def init_group_as_user(rank: int, port: int) -> dict[str, Any]:
+    """Replace the group autobatch initialised with one this "user script" initialises itself."""
+    world_size = dist.get_world_size()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    return {"backend": dist.get_backend()}
+
+
+def fit_user_ddp(rank: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` a model the user wrapped in DDP, with an optimizer over ``ddp.module``'s parameters."""
+    ddp = DistributedDataParallel(mlp())
+    result = autobatch.fit(ddp, vectors(n), optimizer=sgd(ddp.module), **fit_options(**options))
+    return {**summary(result), "weights": weights(ddp), "still_ddp": isinstance(ddp, DistributedDataParallel)}
+
+
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    f.__name__: f
+    for f in (
+        probe_own_limit,
+        fit_tensors,
+        fit_indexed,
+        fit_oom_on_rank,
+        fit_error,
+        init_group_as_user,
+        fit_user_ddp,
+    )
+}
+
+
+# -- the rank's main -------------------------------------------------------------------------------
+class _Count(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    scenarios: list[tuple[str, dict[str, Any]]],
+    out: str,
+    launched: float,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    path = Path(out)
+    # Counts every record of autobatch's loggers from the start (the group's initialisation included).
+    logs = _Count()
+    root = logging.getLogger("autobatch")
+    root.addHandler(logs)
+    root.setLevel(logging.INFO)
+    try:
+        results, seconds = [], {"start": time.time() - launched}
+        for name, kwargs in scenarios:
+            t0 = time.perf_counter()
+            results.append(SCENARIOS[name](rank, **kwargs))
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        torch.save({"results": results, "logs": logs.messages, "seconds": seconds}, path / f"rank{rank}.pt")
+    except BaseException:
+        (path / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -- the launcher (runs in the test process) -------------------------------------------------------
+class LaunchError(RuntimeError):
+    """A rank failed, or the ranks did not finish in time (a deadlock)."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the children to inherit, and restore the parent's after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def launch(
+    scenarios: list[tuple[str, dict[str, Any]]],
+    tmp: Path,
+    *,
+    world_size: int = 2,
+    timeout: float = 120.0,
+) -> list[dict[str, Any]]:
+    """Run ``scenarios`` in ``world_size`` spawned ranks; returns each rank's ``{"results", "logs"}``.
+
+    The ranks start with torchrun's environment and no process group: the first autobatch call
+    initialises it. The ranks share a probe cache of their own, in ``tmp / "cache"``.
+
+    Raises:
+        LaunchError: a rank raised (its traceback is in the message; the others are killed at once
+            rather than left waiting in a collective), or the ranks ran past ``timeout`` seconds.
+    """
+    context = mp.get_context("spawn")
+    port = free_port()
+    with _env(OMP_NUM_THREADS="1", AUTOBATCH_CACHE_DIR=str(tmp / "cache")):
+        procs = [
+            context.Process(
+                target=_rank_main,
+                args=(rank, world_size, port, scenarios, str(tmp), time.time()),
+                name=f"autobatch-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in procs):
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                time.sleep(2.0)  # a failing peer may be about to write its own error too
+                break
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"deadlock? ranks {[r for r, p in enumerate(procs) if p.is_alive()]} still running "
+                    f"after {timeout:.0f} s"
+                )
+            procs[0].join(0.05)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5.0)
+    errors = sorted(tmp.glob("rank*.error"))
+    if errors or any(p.exitcode != 0 for p in procs):
+        details = "\n".join(f"--- {e.name}\n{e.read_text()}" for e in errors)
+        codes = [p.exitcode for p in procs]
+        raise LaunchError(f"ranks exited with codes {codes}\n{details}")
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

@@ -1,0 +1,320 @@
+"""Tests for autobatch.distributed: two gloo ranks on the CPU, as torchrun starts them.
+
+One launch of two spawned ranks runs every scenario in order (starting a rank costs seconds); the tests
+then check its results against single-process runs of :func:`autobatch.fit` and :func:`autobatch.probe`
+made here, in the test process. The ranks start with torchrun's environment and no process group, so
+the first autobatch call initialises it; a later scenario replaces it with a group the "user"
+initialised, and wraps the model in DDP itself. A deadlock fails the launch after 120 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import autobatch
+from autobatch.result import Backoff
+from tests import ddp_workers as w
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
+    pytest.mark.timeout(180),
+    pytest.mark.slow,
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = ["96KiB", "64KiB"]  # rank 0, rank 1: alone, the MLP's probe gives 98 and 60
+N, EVAL_N = 100, 37  # 100 = 32 + 32 + 32 + 4: the last step gives each rank 2 samples
+
+
+def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """What the ranks run, in order: ``name: (scenario, options)``."""
+    return {
+        # The group does not exist yet: the probe initialises it from torchrun's environment.
+        "probe": ("probe_own_limit", {"limits": LIMITS, "n": 512}),
+        "probe_again": ("probe_own_limit", {"limits": ["96KiB", "48KiB"], "n": 512}),
+        "ordered": (  # per rank 16 = 6+5+5: uneven micro-batches
+            "fit_tensors",
+            {"n": N, "eval_n": EVAL_N, "target_batch": 32, "micro_batch": 6, "shuffle": False},
+        ),
+        "shuffled": (
+            "fit_indexed",
+            {"n": N, "target_batch": 32, "micro_batch": 6, "shuffle": True, "seed": 7, "epochs": 2},
+        ),
+        "one_sample_last": ("fit_indexed", {"n": 65, "target_batch": 32, "micro_batch": 5, "shuffle": False}),
+        "unseeded": (  # no seed, and each rank's torch generator in another state
+            "fit_indexed",
+            {"n": N, "target_batch": 32, "micro_batch": 6, "shuffle": True, "rng_per_rank": True},
+        ),
+        "token_weighted": (
+            "fit_indexed",
+            {"n": N, "target_batch": 32, "micro_batch": 6, "shuffle": False, "weighted": True},
+        ),
+        "batchnorm": (
+            "fit_tensors",
+            {"n": N, "model": "mlp_bn", "target_batch": 32, "micro_batch": 6, "shuffle": False},
+        ),
+        # Rank 1's 4th micro-step (the second of step 2) runs out of memory.
+        "oom": (
+            "fit_oom_on_rank",
+            {"oom_rank": 1, "oom_call": 4, "n": 96, "target_batch": 32, "micro_batch": 8, "shuffle": False},
+        ),
+        "indivisible": ("fit_error", {"n": N, "target_batch": 33, "micro_batch": 6}),
+        "user_init": ("init_group_as_user", {"port": user_port}),
+        "user_ddp": (
+            "fit_user_ddp",
+            {"n": N, "target_batch": 32, "micro_batch": 6, "seed": 3, "grad_clip": 0.1},
+        ),
+        "user_ddp_probed": ("fit_user_ddp", {"n": N, "target_batch": 32, "memory_limit": "24KiB", "seed": 3}),
+    }
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Each rank's ``{"results": {name: dict}, "logs": [records of autobatch's loggers]}``."""
+    runs = scenarios(w.free_port())
+    try:
+        out = w.launch(list(runs.values()), tmp_path_factory.mktemp("ddp"), timeout=120)
+    except w.LaunchError as exc:  # a deadlock or a failed rank fails the tests, with the ranks' tracebacks
+        pytest.fail(str(exc), pytrace=False)
+    return [{**rank, "results": dict(zip(runs, rank["results"], strict=True))} for rank in out]
+
+
+def results(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [rank["results"][name] for rank in ranks]
+
+
+def reference(data: Any, **options: Any) -> tuple[autobatch.FitResult, dict[str, torch.Tensor]]:
+    """Single-process ``fit`` of the same model, from the same initial weights."""
+    model = w.mlp()
+    result = autobatch.fit(model, data, optimizer=w.sgd(model), **w.fit_options(**options))
+    return result, w.weights(model)
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def single_probe(limit: str) -> int:
+    model = w.mlp()
+    return autobatch.probe(
+        model, w.vectors(512), optimizer=w.sgd(model), precision="fp32", memory_limit=limit, device="cpu"
+    ).micro_batch
+
+
+# -- probe -----------------------------------------------------------------------------------------
+def test_ranks_with_different_limits_agree_on_the_smaller_micro_batch(ranks: list[dict[str, Any]]) -> None:
+    alone = {limit: single_probe(limit) for limit in LIMITS}
+    assert alone["96KiB"] > alone["64KiB"]  # the limits do make a difference
+    assert [r["micro_batch"] for r in results(ranks, "probe")] == [alone["64KiB"]] * 2
+
+
+def test_probe_cache_is_not_reused_when_another_ranks_limit_shrank(ranks: list[dict[str, Any]]) -> None:
+    # Same setup and rank-0 limit as "probe", but rank 1 now has 48 KiB.
+    assert [r["micro_batch"] for r in results(ranks, "probe_again")] == [single_probe("48KiB")] * 2
+
+
+# -- training equals one process -------------------------------------------------------------------
+def test_weights_equal_single_process_training(ranks: list[dict[str, Any]]) -> None:
+    single, expected = reference(w.vectors(N), target_batch=32, micro_batch=6, shuffle=False)
+    for rank in results(ranks, "ordered"):
+        assert rank["plan"]["chunks"] == [6, 5, 5]
+        assert (rank["steps"], rank["samples"], rank["backoffs"]) == (4, N, [])
+        assert_same_weights(rank["weights"], expected)
+        # Each step's loss is the loss over both ranks' samples, the same on every rank.
+        assert rank["losses"] == pytest.approx(single.losses, rel=1e-5)
+    first, second = results(ranks, "ordered")
+    assert first["losses"] == second["losses"]
+
+
+def test_shuffled_epochs_equal_single_process_training(ranks: list[dict[str, Any]]) -> None:
+    seen: list[int] = []
+    options = {"target_batch": 32, "micro_batch": 6, "shuffle": True, "seed": 7, "epochs": 2}
+    _, expected = reference(w.Indexed(N), step_fn=w.record_ids(seen), **options)
+    for rank in results(ranks, "shuffled"):
+        assert_same_weights(rank["weights"], expected)
+    # Each step's samples are those of the single process's step, cut into one share per rank.
+    first, second = (r["seen"] for r in results(ranks, "shuffled"))
+    shares = [16, 16, 16, 2] * 2  # per rank and step: 100 = 3 × 32 + 4, two epochs
+    merged, a, b = [], 0, 0
+    for share in shares:
+        merged += first[a : a + share] + second[b : b + share]
+        a, b = a + share, b + share
+    assert (a, b) == (len(first), len(second))
+    assert merged == seen
+
+
+def test_every_sample_is_seen_once_per_epoch_across_ranks(ranks: list[dict[str, Any]]) -> None:
+    first, second = (r["seen"] for r in results(ranks, "shuffled"))
+    assert len(first) == len(second) == N  # 50 a rank and epoch
+    epochs = [first[:50] + second[:50], first[50:] + second[50:]]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(N))
+    assert epochs[0] != epochs[1]  # a fresh order each epoch
+    assert first[:50] != list(range(50))  # shuffled
+
+
+def test_a_rank_with_no_sample_in_the_last_step(ranks: list[dict[str, Any]]) -> None:
+    first, second = results(ranks, "one_sample_last")
+    # 65 = 32 + 32 + 1: rank 1 gets nothing in the last step but still takes part in it.
+    assert first["seen"] == [*range(16), *range(32, 48), 64]
+    assert second["seen"] == [*range(16, 32), *range(48, 64)]
+    _, expected = reference(
+        w.Indexed(65), step_fn=w.record_ids([]), target_batch=32, micro_batch=5, shuffle=False
+    )
+    for rank in (first, second):
+        assert (rank["steps"], rank["samples"]) == (3, 65)
+        assert_same_weights(rank["weights"], expected)
+
+
+def test_unseeded_ranks_share_one_epoch_order(ranks: list[dict[str, Any]]) -> None:
+    first, second = (r["seen"] for r in results(ranks, "unseeded"))
+    assert sorted(first + second) == list(range(N))
+    assert first != sorted(first)  # shuffled
+    weights = [r["weights"] for r in results(ranks, "unseeded")]
+    assert_same_weights(weights[0], weights[1])
+
+
+def test_micro_losses_weighted_by_items_across_ranks(ranks: list[dict[str, Any]]) -> None:
+    # Each rank's items differ (sample i counts i % 3 + 1): weights must be shares of the global count.
+    step_fn = w.record_ids([], weighted=True)
+    single, expected = reference(
+        w.Indexed(N), step_fn=step_fn, num_items=w.items, target_batch=32, micro_batch=6, shuffle=False
+    )
+    for rank in results(ranks, "token_weighted"):
+        assert_same_weights(rank["weights"], expected)
+        assert rank["losses"] == pytest.approx(single.losses, rel=1e-5)
+
+
+def test_batchnorm_buffers_are_rank_0s_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    first, second = (r["weights"] for r in results(ranks, "batchnorm"))
+    assert first["1.num_batches_tracked"] > 0
+    assert not torch.equal(first["1.running_mean"], torch.zeros(64))
+    for name in first:  # parameters from the same summed gradients, buffers broadcast from rank 0
+        assert torch.equal(first[name], second[name]), name
+
+
+# -- out of memory on one rank ---------------------------------------------------------------------
+def test_oom_on_one_rank_backs_off_every_rank(ranks: list[dict[str, Any]]) -> None:
+    first, second = results(ranks, "oom")
+    _, expected = reference(w.vectors(96), target_batch=32, micro_batch=8, shuffle=False)
+    for rank in (first, second):
+        assert rank["backoffs"] == [Backoff(epoch=0, step=1, from_micro=8, to_micro=4)]
+        assert rank["final_plan"]["chunks"] == [4, 4, 4, 4]
+        assert (rank["steps"], rank["samples"]) == (3, 96)
+        # 2 micro-steps in step 1, 2 in the failed try of step 2, then 4 + 4 at micro-batch 4.
+        assert rank["backward_calls"] == 12
+        assert_same_weights(rank["weights"], expected)
+    assert first["final_plan"] == second["final_plan"]
+    assert first["losses"] == second["losses"]
+
+
+def test_backoff_warning_shows_the_plan_of_every_rank(ranks: list[dict[str, Any]]) -> None:
+    (warning,) = [m for m in ranks[0]["logs"] if "out of memory at micro-batch 8" in m]
+    assert warning.endswith("plan 4 × 4 steps × 2 ranks = 32"), warning
+
+
+# -- arguments, evaluation, logs -------------------------------------------------------------------
+def test_indivisible_target_names_the_nearest_valid_targets(ranks: list[dict[str, Any]]) -> None:
+    for rank in results(ranks, "indivisible"):
+        assert rank["error"] == "ValueError"
+        assert "32 or 34" in rank["message"]
+
+
+def test_evaluation_gathers_predictions_from_every_rank(ranks: list[dict[str, Any]]) -> None:
+    single, _ = reference(
+        w.vectors(N), target_batch=32, micro_batch=6, shuffle=False, eval_data=w.vectors(EVAL_N, seed=1)
+    )
+    assert single.report is not None
+    first, second = (r["report"] for r in results(ranks, "ordered"))
+    for report in (first, second):
+        assert report["samples"] == EVAL_N  # not EVAL_N / 2: every rank's predictions were gathered
+        assert report["accuracy"] == single.report.accuracy
+        assert report["report"] == single.report.report
+    assert first == second
+
+
+def test_logs_only_on_rank_0(ranks: list[dict[str, Any]]) -> None:
+    main, other = (rank["logs"] for rank in ranks)
+    for expected in (
+        "probe: micro-batch",
+        "plan: 6+5+5 × 2 ranks = 32",
+        "epoch 1: accuracy",
+        "out of memory",
+    ):
+        assert any(expected in message for message in main), expected
+    # The group's initialisation is the test below.
+    assert [m for m in other if "process group" not in m] == []
+
+
+def test_group_initialisation_is_logged_on_rank_0_only(ranks: list[dict[str, Any]]) -> None:
+    main, other = (rank["logs"] for rank in ranks)
+    assert sum("initialised a gloo process group of 2 ranks" in m for m in main) == 1
+    assert other == []
+
+
+# -- a group and a DDP wrapper made by the user ----------------------------------------------------
+def test_user_initialised_group_and_ddp_model(ranks: list[dict[str, Any]]) -> None:
+    assert [r["backend"] for r in results(ranks, "user_init")] == ["gloo", "gloo"]
+    # Clipping the gradient norm after the gradients were summed: the global norm, as one process.
+    _, expected = reference(w.vectors(N), target_batch=32, micro_batch=6, seed=3, grad_clip=0.1)
+    _, unclipped = reference(w.vectors(N), target_batch=32, micro_batch=6, seed=3)
+    assert not torch.allclose(expected["0.weight"], unclipped["0.weight"])  # the clip did clip
+    for rank in results(ranks, "user_ddp"):
+        assert rank["still_ddp"]
+        assert rank["plan"]["world_size"] == 2
+        assert_same_weights(rank["weights"], expected)
+
+
+def test_user_ddp_model_is_probed_and_trained_without_oom(ranks: list[dict[str, Any]]) -> None:
+    first, second = results(ranks, "user_ddp_probed")
+    assert first["micro_batch"] == second["micro_batch"] < 16  # the probe was the limit, not the cap
+    assert first["backoffs"] == second["backoffs"] == []  # training fits where the probe said it would
+    _, expected = reference(w.vectors(N), target_batch=32, micro_batch=first["micro_batch"], seed=3)
+    for rank in (first, second):
+        assert_same_weights(rank["weights"], expected)
+
+
+# -- the example, under torchrun -------------------------------------------------------------------
+def test_example_runs_under_torchrun(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(w.free_port()),
+        str(ROOT / "examples" / "ddp.py"),
+        "--epochs", "1", "--target-batch", "64", "--memory-limit", "640KiB",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOBATCH_CACHE_DIR": str(tmp_path / "cache")}
+    # A session of its own, so that a hung run's workers are killed with torchrun.
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("deadlock? examples/ddp.py did not finish under torchrun in 150 s")
+    assert proc.returncode == 0, stderr[-4000:]
+    # Printed by rank 0 only, once.
+    assert stdout.count("plan: ") == 1
+    assert "× 2 ranks = 64" in stdout
+    assert stdout.count("macro avg") == 1
+    assert stdout.count("1347 samples in") == 1  # the whole training split, counted over both ranks
