@@ -1,0 +1,331 @@
+"""CI smoke tests on small devices: a pytest plugin, and the assertions assert_fits and assert_trains.
+
+The plugin is registered through the ``pytest11`` entry point, so installing autobatch enables it
+(``-p no:autobatch`` turns it off). It adds:
+
+* ``@pytest.mark.memory_limit("4GiB")``: the test runs as on a device of that size. Every probe, fit,
+  try_batch, assert_fits and assert_trains in it that passes no ``memory_limit`` uses the limit (the CPU
+  emulates a device of that size); on a CUDA machine the caching allocator of the current device is also
+  capped to it for the whole test. Both are restored after the test, failed or not.
+* the ``memory_limit`` fixture: the marked test's :class:`DeviceLimit`.
+* ``@pytest.mark.gpu``: the test is skipped where CUDA is not available.
+
+This module imports pytest: it is needed only by those who import ``autobatch.testing``, never by the
+rest of autobatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+import autobatch
+from autobatch.data import DataSource, as_source
+from autobatch.memory import format_bytes, memory_limit_scope, parse_memory_limit, resolve_memory_limit
+from autobatch.step import resolve_precision
+from autobatch.validate import check_positive_int, default_device, parse_device, resolve_device
+
+__all__ = ["DeviceLimit", "assert_fits", "assert_trains"]
+
+
+@dataclass(frozen=True)
+class DeviceLimit:
+    """The device a ``memory_limit``-marked test runs as.
+
+    Attributes:
+        limit: the limit in bytes.
+        device: the device autobatch trains on by default in the test.
+        emulated: ``True`` where autobatch emulates the device (the CPU), ``False`` where CUDA's caching
+            allocator is capped.
+
+    Example:
+        >>> str(DeviceLimit(4 * 2**30, torch.device("cpu"), emulated=True))
+        '4.00 GiB (emulated on cpu)'
+    """
+
+    limit: int
+    device: torch.device
+    emulated: bool
+
+    def __str__(self) -> str:
+        return self._describe()
+
+    def _describe(self, precision: str | None = None) -> str:
+        how = "emulated on" if self.emulated else "allocator cap on"
+        return f"{format_bytes(self.limit)} ({how} {self.device}" + (f", {precision})" if precision else ")")
+
+
+def _device_limit(limit: int, device: torch.device) -> DeviceLimit:
+    return DeviceLimit(limit, device, emulated=device.type != "cuda")
+
+
+# -- the pytest plugin -----------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``memory_limit`` and ``gpu`` markers."""
+    config.addinivalue_line(
+        "markers",
+        "memory_limit(limit): run the test as on a device of `limit` (bytes or e.g. '4GiB'): the CUDA "
+        "allocator capped on a GPU, autobatch's emulated device on the CPU (autobatch.testing)",
+    )
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (autobatch.testing)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests where CUDA is not available."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if marked and not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+def _marker_limit(marker: pytest.Mark) -> int:
+    values = [*marker.args, *marker.kwargs.values()]
+    if len(values) != 1 or values[0] is None or set(marker.kwargs) - {"limit"}:
+        given = ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
+        pytest.fail(
+            "Expected `@pytest.mark.memory_limit` to take one limit, e.g. @pytest.mark.memory_limit('4GiB'), "
+            f"but got memory_limit({given}).",
+            pytrace=False,
+        )
+    try:
+        nbytes = parse_memory_limit(values[0], name="@pytest.mark.memory_limit")
+    except (TypeError, ValueError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    assert nbytes is not None  # values[0] is not None
+    return nbytes
+
+
+@contextlib.contextmanager
+def _cuda_capped(limit: int) -> Iterator[torch.device]:
+    """Cap the current CUDA device's caching allocator to ``limit``; restore the previous fraction."""
+    index = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = getter(index) if getter is not None else 1.0
+    torch.cuda.empty_cache()  # blocks cached under the old cap would count against the new one
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+    try:
+        yield torch.device("cuda", index)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, index)
+
+
+@pytest.fixture(autouse=True)
+def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLimit | None]:
+    """Run a ``memory_limit``-marked test inside the limit; the limit is undone at teardown."""
+    marker = request.node.get_closest_marker("memory_limit")
+    if marker is None:
+        yield None
+        return
+    limit = _marker_limit(marker)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(memory_limit_scope(limit))
+        device = stack.enter_context(_cuda_capped(limit)) if torch.cuda.is_available() else default_device()
+        yield _device_limit(limit, device)
+
+
+@pytest.fixture
+def memory_limit(_autobatch_memory_limit: DeviceLimit | None) -> DeviceLimit:
+    """The :class:`DeviceLimit` of a test marked ``@pytest.mark.memory_limit(...)``."""
+    if _autobatch_memory_limit is None:
+        pytest.fail(
+            "The `memory_limit` fixture needs a limit: mark the test with @pytest.mark.memory_limit('4GiB').",
+            pytrace=False,
+        )
+    return _autobatch_memory_limit
+
+
+# -- assertions ------------------------------------------------------------------------------------
+
+
+def _as_tensor(value: Any, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return torch.tensor(value)
+    raise TypeError(f"Expected `{where}` to be a tensor or a number, but got {type(value).__name__}.")
+
+
+def _repeat(sample: Any, n: int) -> Any:
+    """A dataset of ``n`` copies of ``sample``: expanded tensors ``(X, ..., y)`` or a list of dicts."""
+    if isinstance(sample, Mapping) and sample:
+        for key, value in sample.items():
+            _as_tensor(value, f"sample[{key!r}]")
+        return [dict(sample)] * n  # a list is a map-style dataset; the default collate stacks dicts
+    if isinstance(sample, (tuple, list)) and sample:
+        tensors = [_as_tensor(v, f"sample[{i}]") for i, v in enumerate(sample)]
+        return tuple(t.unsqueeze(0).expand(n, *t.shape) for t in tensors)  # n views, no copies
+    raise TypeError(
+        "Expected `sample` to be one training sample: a non-empty tuple (inputs..., target) or a dict of "
+        f"per-sample tensors, but got {type(sample).__name__}; wrap a lone tensor as (x,) with a step_fn."
+    )
+
+
+def _estimated_peak(result: autobatch.ProbeResult, batch: int) -> float | None:
+    """The failing batch's peak from the probe's memory model, else a line through its fitted trials."""
+    if result.bytes_per_sample and result.fixed_bytes is not None:
+        return result.fixed_bytes + result.bytes_per_sample * batch
+    peaks = sorted((t.batch, t.backward_peak_bytes or t.peak_bytes) for t in result.trials if t.fitted)
+    points = [(b, p) for b, p in peaks if p is not None]
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return None
+    (b0, p0), (b1, p1) = points[0], points[-1]
+    slope = (p1 - p0) / (b1 - b0)
+    return p1 + slope * (batch - b1) if slope > 0 else None
+
+
+def assert_fits(
+    model: nn.Module,
+    sample: Any,
+    batch_size: int,
+    *,
+    memory_limit: int | str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    precision: str = "auto",
+    steps: int = 2,
+    **options: Any,
+) -> autobatch.Trial:
+    """Assert that ``steps`` steady-state training steps at ``batch_size`` fit in ``memory_limit``.
+
+    Args:
+        model: the model, on the device to test.
+        sample: one training sample: a tuple ``(inputs..., target)`` of tensors or numbers, or a dict of
+            per-sample tensors (``model(**batch).loss``); the batch repeats it ``batch_size`` times.
+        batch_size: the micro-batch to check.
+        memory_limit: bytes or e.g. ``"4GiB"``; default: the test's ``@pytest.mark.memory_limit``.
+        optimizer, precision, options: as for :func:`autobatch.try_batch` (``loss_fn``, ``step_fn``, …).
+        steps: training steps to run at ``batch_size`` after the warm-up.
+
+    Returns:
+        The :class:`autobatch.Trial` (``.peak_bytes`` is the measured peak).
+
+    Raises:
+        AssertionError: the steps ran out of memory; the message gives the estimated peak against the
+            limit and the largest batch that fits.
+        TypeError, ValueError: a bad argument, or no limit at all.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        >>> sample = (torch.randn(32), 3)
+        >>> assert_fits(model, sample, 64, memory_limit="64KiB", precision="fp32")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        AssertionError: batch 64 does not fit in 64.00 KiB (emulated on cpu, fp32): estimated peak ...
+    """
+    __tracebackhide__ = True  # pytest shows the AssertionError at the caller, not in here
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(steps, "steps")
+    data = _repeat(sample, batch_size)
+    limit = resolve_memory_limit(memory_limit)
+    if limit is None:
+        raise TypeError(
+            "assert_fits() needs a memory limit: pass memory_limit='4GiB' or mark the test with "
+            "@pytest.mark.memory_limit('4GiB')."
+        )
+    options = {"optimizer": optimizer, "precision": precision, "memory_limit": limit, **options}
+    trial = autobatch.try_batch(model, data, batch_size, steps=steps, **options)
+    if trial.fitted:
+        return trial
+    device = resolve_device(options.get("device"), model)
+    where = _device_limit(limit, device)._describe(resolve_precision(precision, device))
+    try:
+        result = autobatch.probe(model, data, max_batch=batch_size, **options)
+    except autobatch.NoBatchFitsError:
+        raise AssertionError(
+            f"batch {batch_size} does not fit in {where}: not even a batch of 1 fits "
+            "(largest batch that fits: none)"
+        ) from None
+    estimate = _estimated_peak(result, batch_size)
+    if estimate is not None and estimate > limit:
+        peak = f"estimated peak {format_bytes(estimate)} vs limit {format_bytes(limit)}"
+    else:
+        peak = f"peak over the limit of {format_bytes(limit)}"
+    best = result.max_fitting_batch
+    best_peak = max((t.peak_bytes or 0 for t in result.trials if t.fitted and t.batch == best), default=0)
+    fits = f"largest batch that fits: {best}" + (f" (peak {format_bytes(best_peak)})" if best_peak else "")
+    if best >= batch_size:
+        fits += f" for one step, but not {steps} steps in a row (memory grows from step to step)"
+    raise AssertionError(f"batch {batch_size} does not fit in {where}: {peak}; {fits}")
+
+
+def _first_samples(data: Any, n: int) -> Any:
+    """The first ``n`` samples of ``data`` in a form :func:`autobatch.fit` takes."""
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return tuple(t[:n] for t in data)
+    source = as_source(data)
+    if n >= len(source):
+        return source
+    # A DataLoader's sampler spans the whole dataset: the subset keeps its collate and worker settings only.
+    return DataSource(
+        Subset(source.dataset, range(n)), collate_fn=source.collate_fn, loader_kwargs=source.loader_kwargs
+    )
+
+
+def assert_trains(
+    model: nn.Module,
+    data: Any,
+    target_batch: int,
+    *,
+    memory_limit: int | str | None = None,
+    steps: int | None = 2,
+    **fit_options: Any,
+) -> autobatch.FitResult:
+    """Assert that a short :func:`autobatch.fit` (probe, plan, ``steps`` optimizer steps) finishes cleanly.
+
+    Args:
+        model: the model (moved to the training device, as by ``fit``).
+        data: a Dataset, a DataLoader or tensors ``(X, y)``; only the first ``steps × target_batch``
+            samples are used (all of them when ``steps`` is ``None``).
+        target_batch: the effective batch of each optimizer step.
+        memory_limit: bytes or e.g. ``"4GiB"``; default: the test's ``@pytest.mark.memory_limit``.
+        steps: optimizer steps to train.
+        fit_options: passed to :func:`autobatch.fit` (default ``epochs=1``, ``progress=False``).
+
+    Returns:
+        The :class:`autobatch.FitResult`.
+
+    Raises:
+        AssertionError: nothing fits in the limit, or the final loss is not finite. Other errors
+            propagate unchanged.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        >>> X, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
+        >>> assert_trains(model, (X, y), 32, memory_limit="64KiB", device="cpu", precision="fp32").steps
+        2
+    """
+    __tracebackhide__ = True
+    check_positive_int(target_batch, "target_batch")
+    if steps is not None:
+        check_positive_int(steps, "steps")
+    limit = resolve_memory_limit(memory_limit)
+    if limit is None:
+        raise TypeError(
+            "assert_trains() needs a memory limit: pass memory_limit='4GiB' or mark the test with "
+            "@pytest.mark.memory_limit('4GiB')."
+        )
+    subset = data if steps is None else _first_samples(data, steps * target_batch)
+    options = {"epochs": 1, "progress": False, **fit_options}
+    try:
+        result = autobatch.fit(model, subset, target_batch, memory_limit=limit, **options)
+    except autobatch.NoBatchFitsError as exc:
+        device = parse_device(options["device"]) if options.get("device") is not None else default_device()
+        where = _device_limit(limit, device)._describe(
+            resolve_precision(options.get("precision", "auto"), device)
+        )
+        raise AssertionError(f"nothing fits in {where}: {exc}") from exc
+    if result.losses and not math.isfinite(result.losses[-1]):
+        first = next(i for i, loss in enumerate(result.losses) if not math.isfinite(loss))
+        raise AssertionError(
+            f"training diverged: loss {result.losses[first]} at step {first + 1} of {len(result.losses)}"
+        )
+    return result
