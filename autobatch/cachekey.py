@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -129,6 +130,7 @@ def fingerprint(
                 [name, list(p.shape), str(p.dtype), p.requires_grad] for name, p in model.named_parameters()
             ],
             "buffers": [[name, list(b.shape), str(b.dtype)] for name, b in model.named_buffers()],
+            "code": _code_digest(model),
         },
         "optimizer": opt,
         "precision": str(precision),
@@ -139,6 +141,25 @@ def fingerprint(
         "dataset_size": dataset_size,
         "options": json_safe(dict(options or {})),
     }
+
+
+def _code_digest(model: nn.Module) -> str:
+    """A digest of the source of every module class in ``model`` that is not PyTorch's own.
+
+    An edited ``forward`` (gradient checkpointing switched on, a longer context) changes the memory a
+    step takes without changing a single parameter shape: it must change the key too. Classes whose
+    source cannot be read (built in C, defined in a REPL) count by name only.
+    """
+    digest = hashlib.sha256()
+    for cls in sorted({type(m) for m in model.modules()}, key=_qualname):
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = _qualname(cls)
+        digest.update(source.encode())
+    return digest.hexdigest()
 
 
 def cache_key(fp: Mapping[str, Any]) -> str:

@@ -542,3 +542,24 @@ def test_a_corrupt_cache_file_warns_once_and_the_probe_rewrites_it() -> None:
     assert len([w for w in caught if issubclass(w.category, AutobatchCacheWarning)]) == 1
     assert redone.cached is False
     assert autobatch.probe(model, data, memory_limit="64KiB", precision="fp32", device="cpu").cached is True
+
+
+def test_the_key_changes_when_a_module_s_code_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "autobatch_cache_netmod.py"
+    source = (
+        "import torch\n\nclass Net(torch.nn.Linear):\n"
+        "    def forward(self, x):\n        return super().forward(x){}\n"
+    )
+    path.write_text(source.format(""))
+    module = importlib.import_module("autobatch_cache_netmod")
+    before = cache_key(setup(model=module.Net(8, 2)))
+    assert cache_key(setup(model=module.Net(8, 2))) == before  # same code, same key
+    path.write_text(source.format(" * 2"))  # same class name and shapes; a different forward
+    module = importlib.reload(module)
+    assert cache_key(setup(model=module.Net(8, 2))) != before
+    monkeypatch.delitem(sys.modules, "autobatch_cache_netmod")
