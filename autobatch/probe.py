@@ -162,6 +162,8 @@ def probe(
         raise session.nothing_fits()
     best = outcome.best
     micro = apply_margin(best, margin, multiple_of)
+    if session.group is not None:  # the searches ran in lockstep; this also covers per-rank options
+        micro = int(session.group.min([micro])[0])
     capped_by = None
     if best >= cap:
         capped_by = "max_batch" if max_batch is not None and max_batch <= dataset_size else "dataset"

@@ -231,3 +231,17 @@ def test_check_labelled() -> None:
         as_source((X,)).check_labelled()
     with pytest.raises(ValueError, match=r"`train` samples.*Tensor.*step_fn"):
         DataSource(list(X)).check_labelled("train")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_distributed_sampler_gives_the_global_order_it_shards(shuffle: bool) -> None:
+    from torch.utils.data import DistributedSampler
+
+    data = TensorDataset(torch.arange(10).float(), torch.arange(10))
+    sampler = DistributedSampler(data, num_replicas=2, rank=1, shuffle=shuffle, seed=3)
+    source = as_source(DataLoader(data, batch_size=4, sampler=sampler))
+    for epoch in (0, 1):
+        order = source.epoch_order(None, torch.Generator().manual_seed(0), epoch)
+        assert sorted(order) == list(range(10))  # every sample once: no padding, no rank's shard only
+        sampler.set_epoch(epoch)
+        assert list(sampler) == order[1::2]  # what the sampler hands rank 1, before its padding
