@@ -100,6 +100,11 @@ class TrainLoop:
         self.regrowths: list[Backoff] = []
         self._clean_steps = 0
         self._epoch = 0
+        # BatchNorm cannot train on one sample: never back off below two.
+        has_batchnorm = any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in stepper.model.modules()
+        )
+        self._floor = 2 if has_batchnorm else 1
 
     @property
     def plan(self) -> Plan:
@@ -215,6 +220,7 @@ class TrainLoop:
             release=self._release,
             on_shrink=self._backed_off,
             what="training step",
+            floor=min(self._floor, first_try),
         )
         if used < first_try:
             self.micro = used

@@ -164,6 +164,7 @@ def run_shrinking(
     release: Callable[[], None],
     on_shrink: Callable[[int, int], None] | None = None,
     what: str = "step",
+    floor: int = 1,
 ) -> tuple[T, int]:
     """Call ``run(size)``; on out-of-memory release memory, halve ``size`` and call it again.
 
@@ -176,12 +177,13 @@ def run_shrinking(
         release: frees what a failed attempt left (gradients, caches); called before each retry.
         on_shrink: told ``(old_size, new_size)`` before each retry.
         what: what ``run`` does, for the error message.
+        floor: the smallest size worth trying (2 where BatchNorm trains: it cannot on one sample).
 
     Returns:
         ``run``'s result and the size that succeeded.
 
     Raises:
-        NoBatchFitsError: ``run(1)`` ran out of memory too.
+        NoBatchFitsError: ``run(floor)`` ran out of memory too.
 
     Example:
         >>> def run(n):
@@ -200,9 +202,10 @@ def run_shrinking(
                 raise
             failure = str(exc)
         release()
-        if size <= 1:
-            raise NoBatchFitsError(f"The {what} ran out of memory even with a batch of 1 sample: {failure}")
-        smaller = max(1, size // 2)
+        if size <= floor:
+            samples = f"{size} sample{'s' if size != 1 else ''}"
+            raise NoBatchFitsError(f"The {what} ran out of memory even with a batch of {samples}: {failure}")
+        smaller = max(floor, size // 2)
         if on_shrink is not None:
             on_shrink(size, smaller)
         size = smaller

@@ -279,6 +279,16 @@ def test_oom_at_a_batch_of_one_raises_no_batch_fits() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_batchnorm_model_never_backs_off_below_two() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, CLASSES))
+    loop = failing_loop(model, [], set(range(1, 100)), micro_batch=8)
+    # BatchNorm cannot train on one sample: a batch of 1 would raise its ValueError, not fit.
+    with pytest.raises(NoBatchFitsError, match="batch of 2 samples"):
+        loop.optimizer_step(tuple(t[:32] for t in classification_data()))
+    assert [(b.from_micro, b.to_micro) for b in loop.backoffs] == [(8, 4), (4, 2)]
+
+
 def test_non_oom_errors_propagate_unchanged() -> None:
     model = mlp()
     stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceMemory(CPU, None), "fp32")
