@@ -1,35 +1,25 @@
-"""CI smoke tests on small devices: a pytest plugin, and the assertions assert_fits and assert_trains.
+"""Assertions for CI smoke tests on small devices: :func:`assert_fits` and :func:`assert_trains`.
 
-The plugin is registered through the ``pytest11`` entry point, so installing autobatch enables it
-(``-p no:autobatch`` turns it off). It adds:
-
-* ``@pytest.mark.memory_limit("4GiB")``: the test runs as on a device of that size. Every probe, fit,
-  try_batch, assert_fits and assert_trains in it that passes no ``memory_limit`` uses the limit (the CPU
-  emulates a device of that size); on a CUDA machine the caching allocator of the current device is also
-  capped to it for the whole test. Both are restored after the test, failed or not.
-* the ``memory_limit`` fixture: the marked test's :class:`DeviceLimit`.
-* ``@pytest.mark.gpu``: the test is skipped where CUDA is not available.
-
-This module imports pytest: it is needed only by those who import ``autobatch.testing``, never by the
-rest of autobatch.
+They fail with plain ``AssertionError`` messages that give the numbers (peak against limit, the largest
+batch that fits), so they work in any test runner. With pytest, autobatch's plugin
+(the ``pytest_autobatch`` module) adds ``@pytest.mark.memory_limit("4GiB")``, whose limit they use when
+given none, the ``memory_limit`` fixture (a :class:`DeviceLimit`) and a ``gpu`` marker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import Subset
 
 import autobatch
 from autobatch.data import DataSource, as_source
-from autobatch.memory import format_bytes, memory_limit_scope, parse_memory_limit, resolve_memory_limit
+from autobatch.memory import format_bytes, resolve_memory_limit
 from autobatch.step import resolve_precision
 from autobatch.validate import check_positive_int, default_device, parse_device, resolve_device
 
@@ -65,84 +55,6 @@ class DeviceLimit:
 
 def _device_limit(limit: int, device: torch.device) -> DeviceLimit:
     return DeviceLimit(limit, device, emulated=device.type != "cuda")
-
-
-# -- the pytest plugin -----------------------------------------------------------------------------
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the ``memory_limit`` and ``gpu`` markers."""
-    config.addinivalue_line(
-        "markers",
-        "memory_limit(limit): run the test as on a device of `limit` (bytes or e.g. '4GiB'): the CUDA "
-        "allocator capped on a GPU, autobatch's emulated device on the CPU (autobatch.testing)",
-    )
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (autobatch.testing)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``gpu``-marked tests where CUDA is not available."""
-    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
-    if marked and not torch.cuda.is_available():
-        for item in marked:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-
-
-def _marker_limit(marker: pytest.Mark) -> int:
-    values = [*marker.args, *marker.kwargs.values()]
-    if len(values) != 1 or values[0] is None or set(marker.kwargs) - {"limit"}:
-        given = ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
-        pytest.fail(
-            "Expected `@pytest.mark.memory_limit` to take one limit, e.g. @pytest.mark.memory_limit('4GiB'), "
-            f"but got memory_limit({given}).",
-            pytrace=False,
-        )
-    try:
-        nbytes = parse_memory_limit(values[0], name="@pytest.mark.memory_limit")
-    except (TypeError, ValueError) as exc:
-        pytest.fail(str(exc), pytrace=False)
-    assert nbytes is not None  # values[0] is not None
-    return nbytes
-
-
-@contextlib.contextmanager
-def _cuda_capped(limit: int) -> Iterator[torch.device]:
-    """Cap the current CUDA device's caching allocator to ``limit``; restore the previous fraction."""
-    index = torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    previous = getter(index) if getter is not None else 1.0
-    torch.cuda.empty_cache()  # blocks cached under the old cap would count against the new one
-    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
-    try:
-        yield torch.device("cuda", index)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(previous, index)
-
-
-@pytest.fixture(autouse=True)
-def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLimit | None]:
-    """Run a ``memory_limit``-marked test inside the limit; the limit is undone at teardown."""
-    marker = request.node.get_closest_marker("memory_limit")
-    if marker is None:
-        yield None
-        return
-    limit = _marker_limit(marker)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(memory_limit_scope(limit))
-        device = stack.enter_context(_cuda_capped(limit)) if torch.cuda.is_available() else default_device()
-        yield _device_limit(limit, device)
-
-
-@pytest.fixture
-def memory_limit(_autobatch_memory_limit: DeviceLimit | None) -> DeviceLimit:
-    """The :class:`DeviceLimit` of a test marked ``@pytest.mark.memory_limit(...)``."""
-    if _autobatch_memory_limit is None:
-        pytest.fail(
-            "The `memory_limit` fixture needs a limit: mark the test with @pytest.mark.memory_limit('4GiB').",
-            pytrace=False,
-        )
-    return _autobatch_memory_limit
 
 
 # -- assertions ------------------------------------------------------------------------------------

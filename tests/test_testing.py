@@ -326,3 +326,15 @@ def test_doctests() -> None:
     result = doctest.testmod(importlib.import_module("autobatch.testing"))
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_loading_the_plugin_imports_neither_torch_nor_autobatch() -> None:
+    """pytest loads the plugin in every run where autobatch is installed: it must cost nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytest_autobatch; print(sorted(m for m in ('torch', 'autobatch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
