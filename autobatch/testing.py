@@ -150,7 +150,7 @@ def assert_fits(
     device = resolve_device(options.get("device"), model)
     where = _device_limit(limit, device)._describe(resolve_precision(precision, device))
     try:
-        result = autobatch.probe(model, data, max_batch=batch_size, **options)
+        result = autobatch.probe(model, data, max_batch=batch_size, cache=False, **options)
     except autobatch.NoBatchFitsError:
         raise AssertionError(
             f"batch {batch_size} does not fit in {where}: not even a batch of 1 fits "
@@ -200,7 +200,8 @@ def assert_trains(
         target_batch: the effective batch of each optimizer step.
         memory_limit: bytes or e.g. ``"4GiB"``; default: the test's ``@pytest.mark.memory_limit``.
         steps: optimizer steps to train.
-        fit_options: passed to :func:`autobatch.fit` (default ``epochs=1``, ``progress=False``).
+        fit_options: passed to :func:`autobatch.fit` (default ``epochs=1``, ``progress=False`` and
+            ``cache=False``: a test measures, it never reuses an earlier probe).
 
     Returns:
         The :class:`autobatch.FitResult`.
@@ -226,7 +227,7 @@ def assert_trains(
             "@pytest.mark.memory_limit('4GiB')."
         )
     subset = data if steps is None else _first_samples(data, steps * target_batch)
-    options = {"epochs": 1, "progress": False, **fit_options}
+    options = {"epochs": 1, "progress": False, "cache": False, **fit_options}
     try:
         result = autobatch.fit(model, subset, target_batch, memory_limit=limit, **options)
     except autobatch.NoBatchFitsError as exc:

@@ -338,3 +338,15 @@ def test_loading_the_plugin_imports_neither_torch_nor_autobatch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_assertions_never_use_the_probe_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autobatch.cache import ProbeCache
+
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    assert_trains(model, (X, y), 16, memory_limit="256KiB", precision="fp32", device="cpu")
+    with pytest.raises(AssertionError):
+        assert_fits(model, (torch.randn(8), 1), 64, memory_limit="8KiB", precision="fp32")
+    assert ProbeCache().entries() == []
