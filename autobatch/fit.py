@@ -42,9 +42,13 @@ def _resolve_target_device(model: nn.Module, device: torch.device | str | None) 
     """The device to train on (the model is moved there only after every check passed)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    if device is not None:
-        return parse_device(device)
-    return distributed.local_device() or default_device()
+    local = distributed.local_device()  # cuda:LOCAL_RANK under torchrun on a CUDA machine
+    if device is None:
+        return local or default_device()
+    dev = parse_device(device)
+    # A bare "cuda" means this rank's GPU, not whichever one is current before the group exists.
+    bare = torch.device(device).index is None
+    return local if local is not None and dev.type == "cuda" and bare else dev
 
 
 def fit(
