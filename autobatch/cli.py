@@ -76,18 +76,24 @@ def _cmd_probe(args: argparse.Namespace, out: Any, err: Any) -> int:
     model, data, options = build_inputs(args)
     device = parse_device(args.device) if args.device else default_device()
     model.to(device)
-    options = {
+    flags = {
         "precision": args.precision,
         "memory_limit": args.memory_limit,
-        "device": device,
         "max_batch": args.max_batch,
         "margin": args.margin,
         "multiple_of": args.multiple_of,
+    }
+    # Flags given on the command line win over the options a model factory's dict carries.
+    options = {
+        "precision": "auto",
+        **options,
+        **{k: v for k, v in flags.items() if v is not None},
+        "device": device,
         "cache": not args.no_cache,
         "cache_dir": args.cache_dir,
-        **options,
     }
-    options.setdefault("optimizer", _optimizer(args.optimizer, model))
+    if args.optimizer is not None or "optimizer" not in options:
+        options["optimizer"] = _optimizer(args.optimizer or "adamw", model)
     status, on_trial = _progress(err, not args.no_progress)
     if status is not None:
         status.start()

@@ -313,6 +313,13 @@ def test_dict_gives_model_data_and_probe_options(
     assert module.LOSS_CALLS  # the dict's loss_fn ran the steps
 
 
+def test_flags_given_win_over_the_dict_s_options(
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = probe_json(capsys, spec("with_options"), "--memory-limit", "64KiB", "--max-batch", "10")
+    assert code == EXIT_OK and out["max_fitting_batch"] == 10 and out["capped_by"] == "max_batch"
+
+
 @pytest.mark.parametrize("data", ["data", "tensors", "dataset", "loader"])
 def test_data_spec(spec: Callable[[str], str], capsys: pytest.CaptureFixture[str], data: str) -> None:
     """--data names a factory, tensors (X, y), a Dataset or a DataLoader; the model an instance."""
