@@ -89,7 +89,7 @@ def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLi
     with contextlib.ExitStack() as stack:
         stack.enter_context(memory_limit_scope(limit))
         stack.enter_context(DeviceMemory(device, limit, emulate=False).capped())
-        yield DeviceLimit(limit, device, emulated=device.type != "cuda")
+        yield DeviceLimit.on(limit, device)
 
 
 @pytest.fixture

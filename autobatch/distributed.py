@@ -134,15 +134,13 @@ def setup(device: torch.device | None = None) -> Group | None:
         >>> setup() is None  # a plain single process
         True
     """
-    if not dist.is_available():
+    if not dist.is_available() or not (dist.is_initialized() or _launched_by_torchrun()):
         return None
-    # Before the group exists, so that its own initialisation is logged once too (a no-op without one).
-    # Logger filters apply where a record is made, not where it propagates: filter every module's logger.
+    # Before the group is created, so that its own initialisation is logged once too. Logger filters
+    # apply where a record is made, not where it propagates: filter every module's logger.
     for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "autobatch"]:
         logging.getLogger(name).addFilter(_MAIN_RANK_ONLY)  # idempotent: a filter is added once
     if not dist.is_initialized():
-        if not _launched_by_torchrun():
-            return None
         cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -28,7 +28,7 @@ from autobatch.memory import DeviceMemory
 from autobatch.oom import is_oom, release_memory, run_shrinking
 from autobatch.plan import Plan, plan
 from autobatch.result import Backoff
-from autobatch.step import Stepper
+from autobatch.step import Stepper, batchnorm_layers, smallest_batch
 
 __all__ = ["NumItemsFn", "TrainLoop"]
 
@@ -100,11 +100,7 @@ class TrainLoop:
         self.regrowths: list[Backoff] = []
         self._clean_steps = 0
         self._epoch = 0
-        # BatchNorm cannot train on one sample: never back off below two.
-        has_batchnorm = any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in stepper.model.modules()
-        )
-        self._floor = 2 if has_batchnorm else 1
+        self._floor = smallest_batch(stepper.model)  # never back off below it
 
     @property
     def plan(self) -> Plan:
@@ -203,15 +199,7 @@ class TrainLoop:
             samples: the step's samples over all ranks (default: the size of ``host``).
         """
         n = samples if samples is not None else batch_size_of(host)
-        items = None
-        if self.num_items is not None:
-            items = float(self.num_items(host)) if host is not None else 0.0
-            if self.group is not None:
-                items = self.group.sum([items])[0]
-            if items <= 0:
-                raise ValueError(
-                    f"Expected `num_items` to count at least one item in a step, but got {items}."
-                )
+        items = self._count_items(host) if self.num_items is not None else None
         # Every rank starts from the same micro-batch, so that all back off alike.
         first_try = min(self.micro, -(-n // self.world_size))
         (loss, applied), used = run_shrinking(
@@ -285,7 +273,7 @@ def warn_batchnorm(model: torch.nn.Module, current: Plan) -> None:
     """Warn once when BatchNorm layers will see micro-batches smaller than the effective batch."""
     if current.accumulation_steps <= 1:
         return
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if norms:
         warnings.warn(
             f"{len(norms)} BatchNorm layer(s) compute batch statistics over micro-batches of at most "

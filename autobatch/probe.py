@@ -142,7 +142,7 @@ def probe(
     if session.group is not None:
         cap = int(session.group.min([cap])[0])
     options = {"max_batch": cap, "margin": margin, "multiple_of": multiple_of, "accumulate": accumulate}
-    store = _Store.open(session, cache, cache_dir, options, loss_fn, step_fn, size_fn, grad_clip)
+    store = _Store.open(session, cache, cache_dir, options)
     if store is not None and (hit := store.lookup()) is not None:
         logger.info("probe: %s", hit.summary())
         return hit
@@ -264,14 +264,12 @@ class _Store:
         cache: bool,
         cache_dir: str | os.PathLike[str] | None,
         options: dict[str, Any],
-        *callables_and_clip: Any,
     ) -> _Store | None:
         if not isinstance(cache, bool):
             raise TypeError(f"Expected `cache` to be a bool, but got {cache!r} ({type(cache).__name__}).")
         if not cache:
             return None
         store = ProbeCache(cache_dir)
-        loss_fn, step_fn, size_fn, grad_clip = callables_and_clip
         fp = fingerprint(
             model=session.model,
             optimizer=session.optimizer,
@@ -284,10 +282,10 @@ class _Store:
             dataset_size=len(session.source),
             options={
                 **options,
-                "loss_fn": loss_fn,
-                "step_fn": step_fn,
-                "size_fn": size_fn,
-                "grad_clip": grad_clip,
+                "loss_fn": session.stepper.loss_fn,
+                "step_fn": session.stepper.step_fn,
+                "size_fn": session.size_fn,
+                "grad_clip": session.stepper.grad_clip,
             },
         )
         return cls(session, store, fp)

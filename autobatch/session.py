@@ -24,7 +24,7 @@ from autobatch.memory import DeviceMemory, resolve_memory_limit, tensor_bytes
 from autobatch.oom import frozen_heap, is_oom, release_memory
 from autobatch.search import OutOfMemory, Peaks
 from autobatch.state import snapshot
-from autobatch.step import LossFn, StepFn, Stepper, resolve_precision
+from autobatch.step import LossFn, StepFn, Stepper, resolve_precision, smallest_batch
 from autobatch.validate import check_model_and_optimizer, resolve_device
 
 __all__ = ["Session"]
@@ -87,9 +87,7 @@ class Session:
         )
         self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
         self.steps = 0
-        # BatchNorm cannot train on one sample ("Expected more than 1 value per channel"): start at 2.
-        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        self.floor = 2 if has_batchnorm and len(self.source) >= 2 else 1
+        self.floor = min(smallest_batch(model), len(self.source))
 
     def try_step(self, batch_size: int) -> Peaks:
         """One full training step on the worst-case batch; raises OutOfMemory when it does not fit."""
@@ -133,7 +131,8 @@ class Session:
 
     @contextlib.contextmanager
     def steady_state(self) -> Iterator[bool]:
-        """Snapshot, cap memory and run the warm-up step; yields whether batch 1 fitted; restores all."""
+        """Snapshot, cap memory and run the warm-up step; yields whether the smallest batch fitted;
+        restores all."""
         with frozen_heap():
             snap = snapshot(self.model, self.optimizer, self.user_scaler)
             try:

@@ -16,7 +16,7 @@ from torch import nn
 
 from autobatch.memory import DeviceMemory
 
-__all__ = ["PRECISIONS", "Stepper", "compute_loss", "resolve_precision"]
+__all__ = ["PRECISIONS", "Stepper", "batchnorm_layers", "compute_loss", "resolve_precision", "smallest_batch"]
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -97,6 +97,17 @@ def compute_loss(
         "Expected each batch to be a dict or a sequence (inputs, targets), but got "
         f"{type(batch).__name__}. Pass `step_fn=lambda model, batch: loss` for other layouts."
     )
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model``: their statistics depend on the micro-batch."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def smallest_batch(model: nn.Module) -> int:
+    """The smallest batch ``model`` can train on: 2 with BatchNorm ("Expected more than 1 value per
+    channel" in training mode), else 1."""
+    return 2 if batchnorm_layers(model) else 1
 
 
 class Stepper:

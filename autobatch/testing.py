@@ -52,9 +52,10 @@ class DeviceLimit:
         how = "emulated on" if self.emulated else "allocator cap on"
         return f"{format_bytes(self.limit)} ({how} {self.device}" + (f", {precision})" if precision else ")")
 
-
-def _device_limit(limit: int, device: torch.device) -> DeviceLimit:
-    return DeviceLimit(limit, device, emulated=device.type != "cuda")
+    @classmethod
+    def on(cls, limit: int, device: torch.device) -> DeviceLimit:
+        """The limit on ``device``: emulated everywhere but on CUDA, whose allocator is capped."""
+        return cls(limit, device, emulated=device.type != "cuda")
 
 
 # -- assertions ------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def assert_fits(
     if trial.fitted:
         return trial
     device = resolve_device(options.get("device"), model)
-    where = _device_limit(limit, device)._describe(resolve_precision(precision, device))
+    where = DeviceLimit.on(limit, device)._describe(resolve_precision(precision, device))
     try:
         result = autobatch.probe(model, data, max_batch=batch_size, cache=False, **options)
     except autobatch.NoBatchFitsError:
@@ -232,7 +233,7 @@ def assert_trains(
         result = autobatch.fit(model, subset, target_batch, memory_limit=limit, **options)
     except autobatch.NoBatchFitsError as exc:
         device = parse_device(options["device"]) if options.get("device") is not None else default_device()
-        where = _device_limit(limit, device)._describe(
+        where = DeviceLimit.on(limit, device)._describe(
             resolve_precision(options.get("precision", "auto"), device)
         )
         raise AssertionError(f"nothing fits in {where}: {exc}") from exc
