@@ -60,7 +60,7 @@ def _marker_limit(marker: pytest.Mark) -> int:
             f"but got memory_limit({given}).",
             pytrace=False,
         )
-    from autobatch.memory import parse_memory_limit
+    from autobatch.units import parse_memory_limit
 
     try:
         nbytes = parse_memory_limit(values[0], name="@pytest.mark.memory_limit")
@@ -78,17 +78,16 @@ def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLi
         yield None
         return
     limit = _marker_limit(marker)
-    import torch
 
     from autobatch.memory import DeviceMemory, memory_limit_scope
+    from autobatch.session import check_device_available, default_device
     from autobatch.testing import DeviceLimit
-    from autobatch.validate import default_device, parse_device
 
     # On CUDA the whole test body runs under the allocator cap (restored after, as DeviceMemory does).
-    device = parse_device("cuda") if torch.cuda.is_available() else default_device()
+    device = check_device_available(default_device(), "default")
     with contextlib.ExitStack() as stack:
         stack.enter_context(memory_limit_scope(limit))
-        stack.enter_context(DeviceMemory(device, limit, emulate=False).capped())
+        stack.enter_context(DeviceMemory(device, limit).capped())
         yield DeviceLimit.on(limit, device)
 
 

@@ -1,20 +1,57 @@
 """autobatch: find the largest micro-batch that fits, accumulate to the target batch, never OOM.
 
+The public names load on first use (PEP 562): ``import autobatch`` costs nothing, and the command line's
+``--help``, ``--version`` and ``cache`` start without importing torch. ``from autobatch import fit`` and
+``autobatch.fit`` work as usual.
+
 Example:
     >>> import autobatch
     >>> autobatch.plan(12, 32).chunks
     (11, 11, 10)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from autobatch._version import __version__
-from autobatch.errors import AutobatchError, NoBatchFitsError
-from autobatch.evaluate import EvalReport
-from autobatch.fit import fit
-from autobatch.memory import parse_memory_limit
-from autobatch.oom import is_oom, release_memory
-from autobatch.plan import Plan, plan
-from autobatch.probe import probe, try_batch
-from autobatch.result import Backoff, FitResult, ProbeResult, Trial
+from autobatch.errors import (
+    AutobatchError,
+    NoBatchFitsError,
+    NonFiniteLossError,
+    OptimizerStepError,
+    PeerError,
+    UsageError,
+    UsageTypeError,
+    UsageValueError,
+)
+from autobatch.units import format_bytes, parse_memory_limit
+
+if TYPE_CHECKING:
+    from autobatch.api import fit, probe, try_batch
+    from autobatch.memory import memory_limit_scope
+    from autobatch.oom import is_oom, release_memory
+    from autobatch.planner import Plan, plan, uniform_plan
+    from autobatch.result import Backoff, EvalReport, FitResult, ProbeResult
+    from autobatch.search import Trial
+
+_LAZY = {
+    "fit": "autobatch.api",
+    "probe": "autobatch.api",
+    "try_batch": "autobatch.api",
+    "memory_limit_scope": "autobatch.memory",
+    "is_oom": "autobatch.oom",
+    "release_memory": "autobatch.oom",
+    "Plan": "autobatch.planner",
+    "plan": "autobatch.planner",
+    "uniform_plan": "autobatch.planner",
+    "Backoff": "autobatch.result",
+    "EvalReport": "autobatch.result",
+    "FitResult": "autobatch.result",
+    "ProbeResult": "autobatch.result",
+    "Trial": "autobatch.search",
+}
 
 __all__ = [
     "AutobatchError",
@@ -22,15 +59,37 @@ __all__ = [
     "EvalReport",
     "FitResult",
     "NoBatchFitsError",
+    "NonFiniteLossError",
+    "OptimizerStepError",
+    "PeerError",
     "Plan",
     "ProbeResult",
     "Trial",
+    "UsageError",
+    "UsageTypeError",
+    "UsageValueError",
     "__version__",
     "fit",
+    "format_bytes",
     "is_oom",
+    "memory_limit_scope",
     "parse_memory_limit",
     "plan",
     "probe",
     "release_memory",
     "try_batch",
+    "uniform_plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autobatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,7 +18,6 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +25,10 @@ import torch
 import autobatch
 from autobatch.cli_args import build_parser
 from autobatch.cli_inputs import build_inputs
-from autobatch.errors import NoBatchFitsError
-from autobatch.plan import Plan, plan, uniform_plan
-from autobatch.validate import default_device, parse_device
+from autobatch.errors import NoBatchFitsError, UsageError
+from autobatch.planner import Plan, plan, uniform_plan
+from autobatch.session import check_device_available, default_device
+from autobatch.validate import check_device
 
 __all__ = ["EXIT_ERROR", "EXIT_NO_FIT", "EXIT_OK", "EXIT_USAGE", "JSON_SCHEMA_VERSION", "main"]
 
@@ -74,7 +74,11 @@ def _cmd_probe(args: argparse.Namespace, out: Any, err: Any) -> int:
     if args.target_batch is not None:
         plan(1, args.target_batch, args.world_size)  # an indivisible target fails before the probe runs
     model, data, options = build_inputs(args)
-    device = parse_device(args.device) if args.device else default_device()
+    device = (
+        check_device_available(check_device(args.device, "device"), args.device)
+        if args.device
+        else default_device()
+    )
     model.to(device)
     flags = {
         "precision": args.precision,
@@ -235,19 +239,6 @@ def _cmd_cache(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
-def _raised_by_autobatch(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised by autobatch's own checks (a usage error), not inside the user's code."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
-
-
-_PACKAGE_DIR = Path(autobatch.__file__).resolve().parent
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from rich.console import Console
@@ -265,13 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args, out, err)
     except NoBatchFitsError as exc:
         code, kind, message = EXIT_NO_FIT, "no batch fits", str(exc)
-    except (ValueError, TypeError) as exc:
-        if _raised_by_autobatch(exc):  # a bad argument or spec; the message names the culprit
-            code, kind, message = EXIT_USAGE, "error", str(exc)
-        else:  # raised inside the user's model, data or loss: their bug, with its traceback
-            code, kind, message = EXIT_ERROR, "unexpected error", f"{type(exc).__name__}: {exc}"
-            failure = exc
-    except Exception as exc:
+    except UsageError as exc:  # a bad argument or spec; the message names the culprit
+        code, kind, message = EXIT_USAGE, "error", str(exc)
+    except Exception as exc:  # raised inside the user's model, data or loss: their bug, with its traceback
         code, kind, message = EXIT_ERROR, "unexpected error", f"{type(exc).__name__}: {exc}"
         failure = exc
     if code == EXIT_ERROR:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import autobatch
-from autobatch.plan import CONFIG_FORMATS
+from autobatch.planner import CONFIG_FORMATS
 
 __all__ = ["EXAMPLES", "build_parser", "positive_int"]
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch.errors import UsageValueError
 from autobatch.spec import SpecError, load_spec
 
 __all__ = ["build_inputs", "token_loss"]
@@ -72,7 +73,7 @@ def _shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"Expected --input-shape as positive ints such as 3,224,224, but got {text!r}.")
+        raise UsageValueError(f"Expected --input-shape as positive ints such as 3,224,224, but got {text!r}.")
     return shape
 
 
@@ -80,17 +81,17 @@ def _random(args: argparse.Namespace, options: dict[str, Any]) -> tuple[torch.Te
     n = args.samples
     generator = torch.Generator().manual_seed(0)
     if args.input_shape is not None and args.seq_len is not None:
-        raise ValueError("Pass either --input-shape (images, vectors) or --seq-len (tokens), not both.")
+        raise UsageValueError("Pass either --input-shape (images, vectors) or --seq-len (tokens), not both.")
     if args.seq_len is not None:
         if args.vocab is None:
-            raise ValueError("--seq-len needs --vocab, the vocabulary size of the random tokens.")
+            raise UsageValueError("--seq-len needs --vocab, the vocabulary size of the random tokens.")
         tokens = torch.randint(args.vocab, (1, args.seq_len), generator=generator).expand(n, -1)
         if args.num_classes is not None:  # sequence classification: one label per sequence
             return tokens, torch.randint(args.num_classes, (n,), generator=generator)
         options.setdefault("loss_fn", token_loss)  # language modelling: one target per token
         return tokens, torch.randint(args.vocab, (1, args.seq_len), generator=generator).expand(n, -1)
     if args.input_shape is None:
-        raise ValueError(
+        raise UsageValueError(
             "No data: pass --data SPEC, have the model factory return (model, data), or give "
             "--input-shape (with --num-classes) or --seq-len with --vocab for random inputs."
         )
@@ -109,12 +110,12 @@ def build_inputs(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, An
     model, data, options = _model(args.model)
     random_inputs = args.input_shape is not None or args.seq_len is not None
     if data is not None and (args.data is not None or random_inputs):
-        raise ValueError(
+        raise UsageValueError(
             f"model {args.model!r} already gives its data; drop --data, --input-shape and --seq-len."
         )
     if args.data is not None:
         if random_inputs:
-            raise ValueError("Pass either --data or random inputs (--input-shape, --seq-len), not both.")
+            raise UsageValueError("Pass either --data or random inputs (--input-shape, --seq-len), not both.")
         data = _data(args.data)
     if data is None:
         data = _random(args, options)

@@ -1,8 +1,12 @@
 """Normalise what users pass as data into one :class:`DataSource`.
 
-A source is a dataset plus the way to collate it: batches are built from lists of sample indices, so that
-the probe can assemble the worst-case batch (the largest samples) and the training loop can re-batch the
-data into optimizer steps and split each step into micro-batches of any size.
+A source is a dataset plus the way to collate it. Batches are built from lists of sample indices, so that
+the probe can assemble the worst-case batch (the largest samples) and the training loop can cut the data
+into optimizer steps and each step into micro-batches of any size. A step's samples are read once
+(:meth:`DataSource.fetch`, in the DataLoader's workers when it had some) and each micro-batch is collated on
+its own (:meth:`StepData.collate`): dynamic padding pads a micro-batch to its own longest sample, as a
+hand-written accumulation loop would, and a step redone after an out-of-memory back-off re-cuts the same
+samples without reading them again.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data import TensorDataset as _TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["DataSource", "as_source", "batch_size_of", "default_size", "map_tensors", "slice_batch"]
+from autobatch.errors import UsageTypeError, UsageValueError
+
+__all__ = ["DataSource", "SizeFn", "StepData", "as_source", "default_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,51 +47,24 @@ def default_size(sample: Any) -> float:
     return 1.0
 
 
-def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
-    """Apply ``fn`` to every tensor of a batch (tensors, dicts, tuples and lists of them).
+class StepData:
+    """The samples of one optimizer step, read once; micro-batches are collated from them on demand."""
 
-    A plain recursion: cheaper than a generic pytree walk on the hot path of every micro-step.
-    """
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return {k: map_tensors(fn, v) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        mapped = [map_tensors(fn, v) for v in batch]
-        return type(batch)(*mapped) if hasattr(batch, "_fields") else tuple(mapped)
-    if isinstance(batch, list):
-        return [map_tensors(fn, v) for v in batch]
-    if isinstance(batch, Mapping):
-        return type(batch)({k: map_tensors(fn, v) for k, v in batch.items()})  # type: ignore[call-arg]
-    return batch
+    def __init__(self, source: DataSource, samples: Any, count: int) -> None:
+        self.source, self.samples, self.count = source, samples, count
 
+    def __len__(self) -> int:
+        return self.count
 
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of a collated batch (tensors, lists, dicts and tuples of them)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(slice_batch(v, start, stop) for v in batch)
-    if isinstance(batch, list):
-        return [slice_batch(v, start, stop) for v in batch] if _is_nested(batch) else batch[start:stop]
-    return batch
+    def collate(self, start: int, stop: int) -> Any:
+        """The micro-batch of samples ``start:stop``, collated on its own."""
+        if self.source._tensors is not None:
+            return tuple(t[start:stop] for t in self.samples)
+        return self.source.collate_fn(self.samples[start:stop])
 
-
-def _is_nested(batch: Sequence[Any]) -> bool:
-    return bool(batch) and all(isinstance(v, (torch.Tensor, Mapping, tuple, list)) for v in batch)
-
-
-def batch_size_of(batch: Any) -> int:
-    """The number of samples in a collated batch (the first dimension of its first tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, Mapping):
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_size_of(batch[0]) if _is_nested(batch) else len(batch)
-    raise TypeError(f"Cannot tell the batch size of a {type(batch).__name__}.")
+    def pieces(self, bounds: Iterable[tuple[int, int]]) -> list[Any]:
+        """One collated micro-batch per ``(start, stop)``."""
+        return [self.collate(a, b) for a, b in bounds]
 
 
 class _StepSampler(Sampler[list[int]]):
@@ -97,6 +76,11 @@ class _StepSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.steps)
+
+
+def _as_list(samples: list[Any]) -> list[Any]:
+    """The workers' "collate": hand the samples back as read; micro-batches are collated later."""
+    return samples
 
 
 class DataSource:
@@ -119,16 +103,17 @@ class DataSource:
         self.collate_fn = collate_fn or default_collate
         self.sampler = sampler
         self.loader_kwargs = loader_kwargs or {}
+        self.name = name
         self._tensors = tensors
         try:
             self.length = len(dataset)  # type: ignore[arg-type]
         except TypeError:
-            raise TypeError(
+            raise UsageTypeError(
                 f"Expected `{name}` to be a map-style dataset with __len__ and __getitem__, but got "
                 f"{type(dataset).__name__} without __len__ (iterable datasets cannot be re-batched)."
             ) from None
         if self.length == 0:
-            raise ValueError(f"Expected `{name}` to be a non-empty dataset, but got one with 0 samples.")
+            raise UsageValueError(f"Expected `{name}` to be a non-empty dataset, but got one with 0 samples.")
         self._order_by_size: dict[SizeFn, list[int]] = {}
 
     def __len__(self) -> int:
@@ -139,23 +124,46 @@ class DataSource:
         """Whether every sample has the same shape (tensors ``(X, y)``), so any batch is the worst."""
         return self._tensors is not None
 
-    def batch(self, indices: Sequence[int]) -> Any:
-        """Collate the samples at ``indices`` into one batch."""
+    def fetch(self, indices: Sequence[int]) -> StepData:
+        """Read the samples at ``indices`` (tensors are indexed at once)."""
         if self._tensors is not None:
             idx = torch.as_tensor(indices, dtype=torch.long)
-            return tuple(t[idx] for t in self._tensors)
-        return self.collate_fn([self.dataset[i] for i in indices])
+            return StepData(self, tuple(t[idx] for t in self._tensors), len(indices))
+        return StepData(self, [self.dataset[i] for i in indices], len(indices))
 
-    def check_labelled(self, name: str = "data") -> None:
+    def batch(self, indices: Sequence[int]) -> Any:
+        """Collate the samples at ``indices`` into one batch."""
+        return self.fetch(indices).collate(0, len(indices))
+
+    def check_labelled(self) -> None:
         """Raise unless a sample carries labels: a dict, or a sequence ``(*inputs, target)``."""
         sample = self.dataset[0]
         if isinstance(sample, Mapping) or (isinstance(sample, (tuple, list)) and len(sample) >= 2):
             return
-        raise ValueError(
-            f"Expected `{name}` samples to be (inputs, targets) pairs or dicts, but got a "
+        raise UsageValueError(
+            f"Expected `{self.name}` samples to be (inputs, targets) pairs or dicts, but got a "
             f"{type(sample).__name__} without labels. Add targets, or pass "
             "`step_fn=lambda model, batch: loss` to compute the loss yourself."
         )
+
+    def largest_label(self) -> int | None:
+        """The largest class label (the ignore index -100 aside), or ``None`` when the labels are not ints.
+
+        Reads the labels of every sample once, unless they are at hand (tensors, a ``targets`` list).
+        """
+        if self._tensors is not None:
+            labels: Any = self._tensors[-1]
+        elif hasattr(self.dataset, "targets"):
+            labels = torch.as_tensor(self.dataset.targets)
+        else:
+            labels = [_label_of(self.dataset[i]) for i in range(self.length)]
+            if any(label is None for label in labels):
+                return None
+            labels = torch.cat([torch.as_tensor(label).reshape(-1) for label in labels])
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+            return None
+        labels = labels[labels != -100]
+        return int(labels.max()) if labels.numel() else None
 
     def epoch_order(self, shuffle: bool | None, generator: torch.Generator, epoch: int = 0) -> list[int]:
         """The sample order of one epoch: the DataLoader's sampler when it had one, else by ``shuffle``.
@@ -199,18 +207,23 @@ class DataSource:
         """A batch of the ``batch_size`` largest samples: the most memory a batch of that size can need."""
         return self.batch(self.largest_first(size_fn)[:batch_size])
 
-    def loader(self, steps: Sequence[list[int]]) -> Iterator[Any]:
-        """Yield one collated batch per index list, with the original DataLoader's worker settings."""
+    def loader(self, steps: Sequence[list[int]]) -> Iterator[StepData]:
+        """Yield each step's samples, read with the original DataLoader's worker settings."""
         workers_or_pinning = self.loader_kwargs.get("num_workers") or self.loader_kwargs.get("pin_memory")
         if self._tensors is not None or not workers_or_pinning:
-            return (self.batch(indices) for indices in steps)
+            return (self.fetch(indices) for indices in steps)
         loader = DataLoader(
-            self.dataset,
-            batch_sampler=_StepSampler(steps),
-            collate_fn=self.collate_fn,
-            **self.loader_kwargs,
+            self.dataset, batch_sampler=_StepSampler(steps), collate_fn=_as_list, **self.loader_kwargs
         )
-        return iter(loader)
+        return (StepData(self, samples, len(samples)) for samples in loader)
+
+
+def _label_of(sample: Any) -> Any:
+    if isinstance(sample, Mapping):
+        return sample.get("labels", sample.get("label"))
+    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
+        return sample[-1]
+    return None
 
 
 _LOADER_SETTINGS = (
@@ -222,52 +235,88 @@ _LOADER_SETTINGS = (
     "prefetch_factor",
     "persistent_workers",
     "pin_memory_device",
+    "generator",
 )
+
+
+def _loader_source(data: DataLoader[Any], name: str) -> DataSource:
+    if data.batch_sampler is None:
+        raise UsageValueError(
+            f"Expected `{name}` to be a DataLoader of single samples, but got one with batch_size=None, "
+            "whose dataset yields ready-made batches; autobatch builds the batches itself. Pass a dataset "
+            "of single samples."
+        )
+    if type(data.batch_sampler) is not BatchSampler:
+        raise UsageValueError(
+            f"Expected `{name}` to be a DataLoader that autobatch may re-batch, but its batch_sampler is a "
+            f"{type(data.batch_sampler).__name__}, which chooses the batches itself. autobatch builds "
+            "batches of target_batch samples; pass DataLoader(dataset, sampler=..., collate_fn=...) "
+            "instead, or drop the batch_sampler."
+        )
+    kwargs = {k: getattr(data, k) for k in _LOADER_SETTINGS if getattr(data, k, None) is not None}
+    if not kwargs.get("num_workers"):
+        kwargs = {"num_workers": 0, "pin_memory": bool(kwargs.get("pin_memory", False))}
+    tensors = _tensor_dataset_tensors(data.dataset, data.collate_fn)
+    return DataSource(
+        data.dataset,
+        collate_fn=data.collate_fn,
+        sampler=data.sampler,
+        loader_kwargs=kwargs,
+        tensors=tensors,
+        name=name,
+    )
+
+
+def _is_array_like(value: Any) -> bool:
+    return isinstance(value, (list, torch.Tensor)) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def _refuse_arrays(data: Sequence[Any], name: str) -> None:
+    """``(X, y)`` given as numpy arrays or lists: say how to pass it instead of taking it as 2 samples."""
+    kinds = ", ".join(type(v).__name__ for v in data)
+    raise UsageTypeError(
+        f"Expected `{name}` as tensors (X, y), but got a {type(data).__name__} of ({kinds}). Convert them "
+        f"first: (torch.as_tensor(X), torch.as_tensor(y)), or pass a Dataset of samples."
+    )
 
 
 def as_source(data: Any, *, name: str = "data") -> DataSource:
     """Normalise a Dataset, a DataLoader, a DataSource or tensors ``(X, y)`` into a :class:`DataSource`.
 
     Raises:
-        TypeError: ``data`` is none of these.
-        ValueError: the tensors disagree in length, or the data is empty.
+        UsageTypeError: ``data`` is none of these (numpy arrays or lists in place of tensors included).
+        UsageValueError: the tensors disagree in length, the data is empty, or a DataLoader batches by a
+            custom ``batch_sampler`` or not at all.
     """
     if isinstance(data, DataSource):
         return data
     if isinstance(data, (str, bytes)):
-        raise TypeError(
+        raise UsageTypeError(
             f"Expected `{name}` to be a torch Dataset, a DataLoader or a tuple of tensors (X, y), but got "
             f"the {type(data).__name__} {data!r}; load the data into one of those first."
         )
     if isinstance(data, DataLoader):
-        kwargs = {k: getattr(data, k) for k in _LOADER_SETTINGS if hasattr(data, k)}
-        if not kwargs.get("num_workers"):
-            kwargs = {"num_workers": 0, "pin_memory": kwargs.get("pin_memory", False)}
-        elif kwargs.get("prefetch_factor") is None:
-            kwargs.pop("prefetch_factor", None)
-        tensors = _tensor_dataset_tensors(data.dataset, data.collate_fn)
-        return DataSource(
-            data.dataset,
-            collate_fn=data.collate_fn,
-            sampler=data.sampler,
-            loader_kwargs=kwargs,
-            tensors=tensors,
-            name=name,
-        )
+        return _loader_source(data, name)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         tensors = tuple(data)
         lengths = {int(t.shape[0]) if t.ndim else -1 for t in tensors}
         if len(lengths) != 1 or -1 in lengths:
             shapes = [tuple(t.shape) for t in tensors]
-            raise ValueError(
+            raise UsageValueError(
                 f"Expected `{name}` tensors to share their first (sample) dimension, but got shapes {shapes}."
             )
         return DataSource(_TensorDataset(*tensors), tensors=tensors, name=name)
+    if isinstance(data, tuple) and data and all(_is_array_like(v) for v in data):
+        _refuse_arrays(data, name)
+    if isinstance(data, list) and 2 <= len(data) <= 4 and all(_is_array_like(v) for v in data):
+        lengths = {len(v) for v in data}
+        if len(lengths) == 1 and lengths.pop() > len(data):  # [X, y] with more samples than arrays
+            _refuse_arrays(data, name)
     # Strings and dicts have __getitem__ and __len__ too, but a dict of tensors is no dataset.
     sized = hasattr(data, "__getitem__") and hasattr(data, "__len__")
     if isinstance(data, Dataset) or (sized and not isinstance(data, (str, bytes, Mapping))):
         return DataSource(data, tensors=_tensor_dataset_tensors(data, None), name=name)
-    raise TypeError(
+    raise UsageTypeError(
         f"Expected `{name}` to be a torch Dataset, a DataLoader or a tuple of tensors (X, y), "
         f"but got {type(data).__name__}."
     )

@@ -16,6 +16,9 @@ that no rank can wait on a collective the others skipped:
 * **Data.** Each epoch's order is one seeded permutation shared by all ranks (a fresh one per epoch, as
   ``DistributedSampler.set_epoch`` gives); each optimizer step's ``target_batch`` samples are cut into
   ``world_size`` contiguous shares. No sample is padded or repeated: each is seen once per epoch.
+* **Failures.** Whatever fails on one rank (an out-of-memory, an exception in the user's code, a refused
+  setup) is agreed on before any rank acts on it (:meth:`Group.agree`): the failing rank raises its own
+  error, the others a :class:`~autobatch.errors.PeerError` naming it, so no rank waits forever.
 """
 
 from __future__ import annotations
@@ -34,20 +37,46 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["Group", "local_device", "no_sync", "setup", "share", "syncs_buffers", "unwrap", "wrap"]
+from autobatch.errors import PeerError, UsageValueError
+
+__all__ = [
+    "Group",
+    "agree",
+    "expected_world_size",
+    "fail_together",
+    "launched_by_torchrun",
+    "local_device",
+    "no_sync",
+    "setup",
+    "share",
+    "syncs_buffers",
+    "unwrap",
+    "wrap",
+]
 
 logger = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _launched_by_torchrun() -> bool:
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process as one of several ranks (a group is or will be needed)."""
     return all(os.environ.get(v) for v in _TORCHRUN_VARS) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def expected_world_size() -> int:
+    """The ranks this process will train with: the group's, else torchrun's ``WORLD_SIZE``, else 1.
+
+    Known before any group is created, so that a target the ranks cannot share is refused first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def local_device() -> torch.device | None:
     """``cuda:LOCAL_RANK`` under torchrun on a CUDA machine, else ``None`` (the usual default applies)."""
-    if _launched_by_torchrun() and torch.cuda.is_available():
+    if launched_by_torchrun() and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return None
 
@@ -88,6 +117,24 @@ class Group:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def exchange(self, values: Sequence[float]) -> list[list[float]]:
+        """Every rank's ``values`` (the same length on every rank), in rank order, on every rank."""
+        mine = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [[float(v) for v in t.tolist()] for t in out]
+
+    def check_same(self, what: str, value: int) -> None:
+        """Raise on every rank unless every rank has the same ``value`` (a dataset length, say)."""
+        values = [int(v[0]) for v in self.exchange([value])]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise UsageValueError(
+                f"Expected every rank to have the same {what}, but got {per_rank}. Every rank must see "
+                "the same data (autobatch shards each step itself), or the ranks would wait for each other "
+                "forever."
+            )
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
@@ -114,6 +161,41 @@ class Group:
             dist.broadcast(buffer, src=0)
 
 
+def agree(group: Group | None, failure: BaseException | None, where: str) -> None:
+    """Stop every rank together when any of them failed ``where``; return when none did.
+
+    In one process this re-raises ``failure``. Under a group every rank takes part (one small all-gather):
+    see :func:`fail_together`.
+    """
+    if group is None:
+        if failure is not None:
+            raise failure
+        return
+    flags = group.exchange([float(failure is not None)])
+    fail_together(group, failure, [rank for rank, (flag,) in enumerate(flags) if flag], where)
+
+
+def fail_together(group: Group, failure: BaseException | None, failed: list[int], where: str) -> None:
+    """With ``failed`` ranks (agreed by every rank), raise on every rank; return when there are none.
+
+    The failing ranks re-raise their own errors; the others raise :class:`~autobatch.errors.PeerError`
+    with the failing ranks' messages (gathered here, so every rank must call this at the same point).
+    """
+    if not failed:
+        return
+    messages = group.gather(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    texts = [str(messages[r]) for r in failed]
+    detail = "; ".join(f"rank {r}: {t}" for r, t in zip(failed, texts, strict=True))
+    raise PeerError(
+        f"{'Rank' if len(failed) == 1 else 'Ranks'} {', '.join(map(str, failed))} failed {where} ({detail}); "
+        f"rank {group.rank} stops with {'it' if len(failed) == 1 else 'them'}.",
+        ranks=failed,
+        messages=texts,
+    )
+
+
 class _MainRankOnly(logging.Filter):
     """Drops autobatch's log records on every rank but 0, so a run logs once, not once per rank."""
 
@@ -134,7 +216,7 @@ def setup(device: torch.device | None = None) -> Group | None:
         >>> setup() is None  # a plain single process
         True
     """
-    if not dist.is_available() or not (dist.is_initialized() or _launched_by_torchrun()):
+    if not dist.is_available() or not (dist.is_initialized() or launched_by_torchrun()):
         return None
     # Before the group is created, so that its own initialisation is logged once too. Logger filters
     # apply where a record is made, not where it propagates: filter every module's logger.
@@ -199,13 +281,21 @@ def no_sync(ddp: DistributedDataParallel | None) -> Iterator[None]:
         ddp.require_forward_param_sync = forward_sync
 
 
-def share(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+def share(indices: Sequence[int], rank: int, world_size: int, min_share: int = 1) -> list[int]:
     """This rank's contiguous share of one step's samples; shares differ in size by at most one.
+
+    With ``min_share`` (2 for BatchNorm models, which cannot train on one sample), no rank gets a share
+    below it: a step too short for every rank leaves the last ranks nothing instead.
 
     Example:
         >>> [share(list(range(7)), r, 3) for r in range(3)]
         [[0, 1, 2], [3, 4], [5, 6]]
+        >>> [share(list(range(3)), r, 2, min_share=2) for r in range(2)]
+        [[0, 1, 2], []]
     """
-    base, extra = divmod(len(indices), world_size)
+    ranks = max(1, min(world_size, len(indices) // min_share))
+    if rank >= ranks:
+        return []
+    base, extra = divmod(len(indices), ranks)
     start = rank * base + min(rank, extra)
     return list(indices[start : start + base + (1 if rank < extra else 0)])

@@ -23,21 +23,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from autobatch.data import map_tensors
+from autobatch._tree import map_tensors
+from autobatch.units import format_bytes
 
-__all__ = ["BLOCK_BYTES", "EmulatedDevice", "format_bytes"]
+__all__ = ["BLOCK_BYTES", "EmulatedDevice"]
 
 BLOCK_BYTES = 512
 """Every storage is rounded up to this many bytes, the block size of PyTorch's CUDA caching allocator."""
-
-
-def format_bytes(n: float) -> str:
-    """Render a byte count for people: ``format_bytes(1536) == '1.50 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _rounded(nbytes: int, block: int) -> int:

@@ -1,24 +1,51 @@
 """The exceptions autobatch raises on purpose.
 
-Bad arguments raise the built-in ``ValueError`` or ``TypeError``; the classes here are for conditions that
-are not a programming error in the call itself.
+Two families:
+
+* **Usage errors** (:class:`UsageError`): a bad argument, spec or configuration, found before anything
+  was changed. :class:`UsageValueError` is also a ``ValueError`` and :class:`UsageTypeError` also a
+  ``TypeError``, so ``except ValueError`` keeps working; the command line maps them to exit code 2 by type.
+* **Run-time verdicts** (:class:`AutobatchError`): the job cannot go on, for a reason that is not a bug in
+  the call itself: nothing fits, an optimizer step ran out of memory half-way, training diverged, or
+  another rank failed.
 """
 
 from __future__ import annotations
 
-__all__ = ["AutobatchError", "NoBatchFitsError"]
+__all__ = [
+    "AutobatchError",
+    "NoBatchFitsError",
+    "NonFiniteLossError",
+    "OptimizerStepError",
+    "PeerError",
+    "UsageError",
+    "UsageTypeError",
+    "UsageValueError",
+]
+
+
+class UsageError(Exception):
+    """Base class of every usage error: an argument, spec or setup that autobatch refuses."""
+
+
+class UsageValueError(UsageError, ValueError):
+    """An argument has the right type but a value autobatch cannot use."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """An argument has the wrong type."""
 
 
 class AutobatchError(RuntimeError):
-    """Base class of every error autobatch raises on purpose."""
+    """Base class of autobatch's run-time verdicts (not usage errors)."""
 
 
 class NoBatchFitsError(AutobatchError):
-    """Not even a micro-batch of one sample fits in the device memory available.
+    """Not even the smallest micro-batch fits in the device memory available.
 
     Attributes:
         memory_limit: the limit in bytes the step ran under, or ``None`` when unknown.
-        model_state_bytes: bytes held by parameters, buffers, gradients and optimizer state, when measured.
+        model_state_bytes: bytes held between steps (weights, gradients, optimizer state), when known.
     """
 
     def __init__(
@@ -32,27 +59,46 @@ class NoBatchFitsError(AutobatchError):
         self.memory_limit = memory_limit
         self.model_state_bytes = model_state_bytes
 
-    @classmethod
-    def at_batch_one(
-        cls, *, limit: int | None, precision: str, model_state_bytes: int, batch: int = 1
-    ) -> NoBatchFitsError:
-        """The error of a probe whose step ran out of memory at its smallest batch, with what to try.
 
-        ``batch`` is that smallest batch: 1, or 2 for models with BatchNorm, which cannot train on one.
-        """
-        from autobatch.emulate import format_bytes
+class OptimizerStepError(AutobatchError):
+    """``optimizer.step()`` ran out of memory after every micro-step of the step had fitted.
 
-        hints = ["a larger memory_limit", "a smaller model"]
-        if precision == "fp32":
-            hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
-        hints.append("an optimizer with less state (SGD instead of Adam)")
-        where = format_bytes(limit) if limit is not None else "the device capacity"
-        return cls(
-            f"Not even a batch of {batch} sample{'s' if batch != 1 else ''} fits: the training step ran out "
-            f"of memory under {where} "
-            f"with {format_bytes(model_state_bytes)} of model state in {precision}. Try "
-            + ", ".join(hints)
-            + ".",
-            memory_limit=limit,
-            model_state_bytes=model_state_bytes,
-        )
+    Attributes:
+        partial: ``True`` when the failed step had already changed parameters or optimizer state, so that
+            it could neither be undone nor repeated; ``False`` when nothing was applied (the step did not
+            fit even after the cached memory was released and it was tried once more).
+        step: the optimizer step (1-based, counted over the whole fit) that failed.
+    """
+
+    def __init__(self, message: str, *, partial: bool, step: int | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.step = step
+
+
+class NonFiniteLossError(AutobatchError):
+    """The loss was NaN or infinite for several optimizer steps in a row: training diverged.
+
+    Attributes:
+        first_step: the first step of the run of non-finite losses (1-based).
+        steps: how many steps in a row had a non-finite loss.
+    """
+
+    def __init__(self, message: str, *, first_step: int, steps: int) -> None:
+        super().__init__(message)
+        self.first_step = first_step
+        self.steps = steps
+
+
+class PeerError(AutobatchError):
+    """Another rank of the process group failed; every rank stops together instead of waiting forever.
+
+    Attributes:
+        ranks: the ranks that failed.
+        messages: what each of them raised (``"ValueError: ..."``).
+    """
+
+    def __init__(self, message: str, *, ranks: list[int], messages: list[str]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+        self.messages = messages

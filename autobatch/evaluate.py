@@ -10,56 +10,26 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report
 from torch import nn
 
-from autobatch.data import DataSource, batch_size_of, slice_batch
+from autobatch import distributed
+from autobatch._tree import batch_size_of, slice_batch
+from autobatch.data import DataSource
 from autobatch.distributed import Group
+from autobatch.errors import UsageValueError
 from autobatch.memory import DeviceMemory
 from autobatch.oom import release_memory, run_shrinking
+from autobatch.result import EvalReport
 
-__all__ = ["EvalReport", "evaluate", "predict"]
+__all__ = ["evaluate", "predict", "score"]
 
 logger = logging.getLogger(__name__)
 
 PredictFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class EvalReport:
-    """Predictions scored by ``sklearn.metrics.classification_report``.
-
-    Attributes:
-        report: the report as a dict (per class precision/recall/F1/support, accuracy, averages).
-        text: the same report as sklearn prints it.
-        accuracy: the share of correct predictions.
-        batch_size: the evaluation batch size that fitted.
-        samples: the number of samples scored.
-        epoch: the training epoch after which it was taken (``None`` outside training).
-    """
-
-    report: dict[str, Any]
-    text: str
-    accuracy: float
-    batch_size: int
-    samples: int
-    epoch: int | None = None
-    backoffs: list[tuple[int, int]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "epoch": self.epoch,
-            "accuracy": self.accuracy,
-            "samples": self.samples,
-            "batch_size": self.batch_size,
-            "report": self.report,
-        }
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -136,6 +106,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     size = min(batch_size, len(source))
+    failure: BaseException | None = None
     try:
         position = 0
         while position < len(order):
@@ -165,8 +136,13 @@ def evaluate(
             predictions.append(pred.numpy())
             labels.append(label.numpy())
             position += batch_size_of(host)
+    except Exception as exc:
+        if group is None:
+            raise
+        failure = exc  # every rank must learn of it, or the others would wait at the gather forever
     finally:
         model.train(was_training)
+    distributed.agree(group, failure, "in evaluation")
     y_pred = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
     y_true = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
     if group is not None:
@@ -189,11 +165,13 @@ def score(
 
     Classes are every label seen in either array, so that ``target_names`` lines up with them.
     """
+    from sklearn.metrics import classification_report  # here: importing sklearn takes seconds
+
     classes = np.union1d(y_true, y_pred)
     names = list(target_names) if target_names is not None else None
     if names is not None:
         if len(names) < int(classes.max()) + 1:
-            raise ValueError(
+            raise UsageValueError(
                 f"Expected `target_names` to name every class 0..{int(classes.max())}, but got "
                 f"{len(names)} names."
             )

@@ -1,17 +1,19 @@
 """The training loop: optimizer steps of exactly the target batch, accumulated from micro-batches.
 
-Each optimizer step holds its whole effective batch on the host, splits it into the plan's chunks and
-runs :class:`~autobatch.step.Stepper` on each, weighting every micro-loss by its share of the batch (its
-samples, or its items with ``num_items``), so that the accumulated gradient equals the gradient of the
-whole batch even for uneven chunks. When a micro-step runs out of memory, the step's gradients are
-dropped, the micro-batch is halved and the same step is redone from its first sample: nothing from the
-partial step is applied, and no sample is lost or seen twice. After ``regrow_after`` clean steps the
-micro-batch grows back towards the probed size.
+Each optimizer step reads its samples once, cuts them into the plan's chunks, collates each chunk on its
+own and runs them through :func:`~autobatch.transaction.run_step`, weighting every micro-loss by its share
+of the step (its samples, or its items with ``num_items``) so that the accumulated gradient equals the
+gradient of the whole batch even for uneven chunks. When a micro-step runs out of memory, the step's
+gradients are dropped, the micro-batch is halved and the same step is redone from its first sample:
+nothing from the partial step is applied, and no sample is lost or seen twice. After ``regrow_after``
+clean steps the micro-batch grows back towards the probed size.
+
+BatchNorm models never get a micro-batch, nor a rank's share, of one sample (BatchNorm cannot train on
+one): a lone last sample of an epoch joins the step before it, and a chunk of one joins its neighbour.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -23,161 +25,214 @@ import torch
 from tqdm.auto import tqdm
 
 from autobatch import distributed
-from autobatch.data import DataSource, batch_size_of, slice_batch
-from autobatch.memory import DeviceMemory
-from autobatch.oom import is_oom, release_memory, run_shrinking
-from autobatch.plan import Plan, plan
+from autobatch._tree import batch_size_of
+from autobatch.data import StepData
+from autobatch.errors import NoBatchFitsError, NonFiniteLossError, OptimizerStepError, UsageValueError
+from autobatch.planner import Plan, plan
 from autobatch.result import Backoff
-from autobatch.step import Stepper, batchnorm_layers, smallest_batch
+from autobatch.session import Session
+from autobatch.step import Stepper, batchnorm_layers
+from autobatch.transaction import StepOutcome, run_step
 
-__all__ = ["NumItemsFn", "TrainLoop"]
+__all__ = ["NONFINITE_STREAK", "NumItemsFn", "TrainLoop", "warn_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
 NumItemsFn = Callable[[Any], int | float | torch.Tensor]
 
+NONFINITE_STREAK = 5
+"""Optimizer steps in a row with a NaN or infinite loss after which training stops: it has diverged."""
+
 
 @functools.lru_cache(maxsize=64)
-def _chunk_bounds(micro: int, n: int) -> tuple[tuple[int, int], ...]:
+def _chunk_bounds(micro: int, n: int, floor: int) -> tuple[tuple[int, int], ...]:
     """``(start, stop)`` of each micro-batch of a step of ``n`` samples (cached: the same every step)."""
     bounds, start = [], 0
-    for size in plan(micro, n).chunks:
+    for size in plan(micro, n, min_chunk=floor).chunks:
         bounds.append((start, start + size))
         start += size
     return tuple(bounds)
+
+
+def epoch_steps(order: list[int], target: int, *, drop_last: bool, floor: int) -> list[list[int]]:
+    """The optimizer steps of one epoch: ``target`` indices each, every index once.
+
+    A last step below ``floor`` (a lone sample of a BatchNorm model) joins the step before it.
+
+    Example:
+        >>> [len(s) for s in epoch_steps(list(range(65)), 32, drop_last=False, floor=2)]
+        [32, 33]
+    """
+    steps = [order[i : i + target] for i in range(0, len(order), target)]
+    if drop_last and steps and len(steps[-1]) < target:
+        steps.pop()
+    if len(steps) >= 2 and len(steps[-1]) < floor:
+        last = steps.pop()
+        steps[-1] = steps[-1] + last
+    return steps
 
 
 class TrainLoop:
     """Runs epochs of accumulated optimizer steps; used by :func:`autobatch.fit`.
 
     Args:
-        stepper: the shared step function, bound to model, optimizer, scaler and device memory.
-        source: the training data.
-        target_batch: the effective batch of every optimizer step.
+        session: the started session (model, data, group, scheduler, options).
+        stepper: the step function, bound to model, optimizer, scaler and device memory.
         micro_batch: the micro-batch to start with (the probed one); never exceeded.
-        num_items: ``num_items(batch)`` counts the items a micro-loss averages over (e.g. non-padding
-            tokens); micro-losses are then weighted by items instead of samples.
-        scheduler: an LR scheduler stepped once per applied optimizer step.
-        regrow_after: clean optimizer steps after a back-off before the micro-batch grows again.
-        progress: tqdm bars: ``None`` shows them on a TTY only.
-        group: the data-parallel ranks (``None`` in one process); see :mod:`autobatch.distributed`.
-        ddp: the DDP wrapper whose ``no_sync()`` holds each micro-step's gradients local.
-        sync_buffers: broadcast rank 0's buffers after every step (DDP's ``broadcast_buffers``).
     """
 
-    def __init__(
-        self,
-        stepper: Stepper,
-        source: DataSource,
-        *,
-        target_batch: int,
-        micro_batch: int,
-        num_items: NumItemsFn | None = None,
-        scheduler: Any = None,
-        regrow_after: int = 50,
-        progress: bool | None = None,
-        group: distributed.Group | None = None,
-        ddp: Any = None,
-        sync_buffers: bool = False,
-    ) -> None:
+    def __init__(self, session: Session, stepper: Stepper, micro_batch: int) -> None:
+        train = session.options.train
+        self.session = session
         self.stepper = stepper
-        self.group = group
-        self.ddp = ddp
-        self.sync_buffers = sync_buffers
-        self.world_size = group.world_size if group is not None else 1
-        self.source = source
-        self.target_batch = target_batch
+        self.group = session.group
+        self.world_size = session.group.world_size if session.group is not None else 1
+        self.target_batch = train.target_batch
         self.max_micro = micro_batch
         self.micro = micro_batch
-        self.num_items = num_items
-        self.scheduler = scheduler
-        self.regrow_after = regrow_after
-        self.progress = progress
+        self.num_items: NumItemsFn | None = train.num_items
+        self.regrow_after = train.regrow_after
+        self.floor = session.floor
         self.skipped_steps = 0
+        self.nonfinite_steps = 0
         self.steps = 0
         self.samples = 0
         self.backoffs: list[Backoff] = []
         self.regrowths: list[Backoff] = []
         self._clean_steps = 0
+        self._nonfinite_run = 0
         self._epoch = 0
-        self._floor = smallest_batch(stepper.model)  # never back off below it
 
     @property
     def plan(self) -> Plan:
         """The plan in force now."""
         return plan(self.micro, self.target_batch, self.world_size)
 
-    @property
-    def memory(self) -> DeviceMemory:
-        return self.stepper.memory
-
     # -- one optimizer step ------------------------------------------------------------------------
     def _weights(self, parts: list[Any], samples: int, items: float | None) -> list[float]:
         """Each micro-loss's share of the whole (global) step: its samples, or its items."""
-        if self.num_items is None:
+        if self.num_items is None or items is None:
             return [batch_size_of(p) / samples for p in parts]
-        assert items is not None  # counted by optimizer_step whenever num_items is set
         return [float(self.num_items(p)) / items for p in parts]
 
-    def _count_items(self, host: Any) -> float:
+    def _count_items(self, data: StepData | None, failure: BaseException | None) -> float:
         """The items (e.g. non-padding tokens) of the whole step, over all ranks."""
         assert self.num_items is not None
-        items = float(self.num_items(host)) if host is not None else 0.0
+        items = 0.0
+        try:
+            if failure is None and data is not None:
+                items = float(self.num_items(data.collate(0, len(data))))
+        except Exception as exc:
+            failure = exc
+        distributed.agree(self.group, failure, "counting num_items")
         if self.group is not None:
             items = self.group.sum([items])[0]
         if items <= 0:
-            raise ValueError(
+            raise UsageValueError(
                 f"Expected `num_items` to count at least one item in a step, but it counted {items}."
             )
         return items
 
-    def _accumulate(
-        self, host: Any, micro: int, samples: int | None = None, items: float | None = None
-    ) -> tuple[torch.Tensor, bool]:
-        """Run one optimizer step over ``host`` in chunks of at most ``micro``; returns (loss, applied).
+    def optimizer_step(
+        self, data: StepData | None, samples: int, failure: BaseException | None = None
+    ) -> float:
+        """One optimizer step over a whole effective batch, backing off on out-of-memory.
 
-        ``samples`` and ``items`` count the whole step over all ranks; ``host`` is this rank's share
-        (``None`` when the last, short step left this rank nothing).
+        Args:
+            data: this rank's share of the step (``None`` when a short last step left it nothing).
+            samples: the step's samples over all ranks.
+            failure: what reading this rank's share raised, if anything: every rank stops with it.
+
+        Returns:
+            The step's loss over every rank (NaN or infinite for a skipped non-finite step).
         """
-        n = batch_size_of(host) if host is not None else 0
-        parts = [slice_batch(host, a, b) for a, b in _chunk_bounds(micro, n)] if n else []
-        if self.num_items is not None and items is None:
-            items = self._count_items(host)
-        weights = self._weights(parts, samples if samples is not None else n, items)
-        measure = (
-            self.memory.measure(self.stepper.state_tensors())
-            if self.memory.emulated
-            else contextlib.nullcontext()
-        )
-        out_of_memory = False
-        with measure:
-            try:
-                with distributed.no_sync(self.ddp):
-                    for part, weight in zip(parts, weights, strict=True):
-                        self.stepper.backward(part, weight)
-            except Exception as exc:
-                if self.group is None or not is_oom(exc):
-                    raise
-                out_of_memory = True  # raised again below, once every rank knows
-            if self.group is not None:
-                ooms, loss = self.group.sum([float(out_of_memory), self.stepper.pending_loss()])
-                if ooms:
-                    raise torch.OutOfMemoryError(
-                        f"out of memory on {int(ooms)} of {self.group.world_size} ranks; all back off"
-                    )
-                self.group.sum_gradients([p for p in self.stepper.model.parameters() if p.requires_grad])
-            applied = self.stepper.step()
-        if self.group is not None:
-            if self.sync_buffers:
-                self.group.broadcast_buffers(self.stepper.model)
-            return torch.tensor(loss), applied
-        if self.stepper.last_loss is None:  # pragma: no cover - a step always has a micro-step here
-            raise RuntimeError("the training step ran no micro-step")
-        return self.stepper.last_loss, applied
+        items = self._count_items(data, failure) if self.num_items is not None else None
+        n = len(data) if data is not None else 0
+        # Every rank starts from the same micro-batch, so that all back off alike.
+        first = micro = min(self.micro, max(1, -(-samples // self.world_size)))
 
-    def _release(self) -> None:
-        self.stepper.reset_after_oom()
-        release_memory(self.stepper.model, self.stepper.optimizer)
+        def pieces() -> list[tuple[Any, float]]:
+            if failure is not None:
+                raise failure  # agreed on by every rank inside the step
+            if data is None or n == 0:
+                return []
+            parts = data.pieces(_chunk_bounds(micro, n, min(self.floor, n)))
+            return list(zip(parts, self._weights(parts, samples, items), strict=True))
+
+        while True:
+            outcome = run_step(self.stepper, pieces, group=self.group, ddp=self.session.ddp)
+            if outcome.fitted:
+                break
+            if outcome.phase == "optimizer step":
+                raise self._optimizer_error(outcome)
+            if micro <= self.floor:
+                raise NoBatchFitsError(
+                    f"The training step ran out of memory even with a micro-batch of {micro} "
+                    f"sample{'s' if micro != 1 else ''} (on rank(s) {list(outcome.oom_ranks)})."
+                )
+            smaller = max(self.floor, micro // 2)
+            self._backed_off(micro, smaller)
+            micro = smaller
+        if micro < first:  # backed off: train on with the micro-batch that fitted
+            self.micro = micro
+        self.session.training_began()  # a failure from here on leaves the model where training left it
+        self._finish(outcome, samples)
+        return outcome.loss
+
+    def _finish(self, outcome: StepOutcome, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+        if self.session.sync_buffers and self.group is not None:
+            self.group.broadcast_buffers(self.stepper.model)
+        if outcome.applied:
+            self._nonfinite_run = 0
+            if self.session.scheduler is not None:
+                self.session.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        if outcome.nonfinite:
+            self.nonfinite_steps += 1
+            self._nonfinite_run += 1
+            logger.warning(
+                "step %d: the loss is %s; the step is skipped (not applied)", self.steps, outcome.loss
+            )
+            if self._nonfinite_run >= NONFINITE_STREAK:
+                first = self.steps - self._nonfinite_run + 1
+                raise NonFiniteLossError(
+                    f"Training diverged: the loss was NaN or infinite in {self._nonfinite_run} optimizer "
+                    f"steps in a row (steps {first}-{self.steps}), and none of them was applied. Lower the "
+                    "learning rate, pass grad_clip=1.0, or check the data and the loss for NaN/inf.",
+                    first_step=first,
+                    steps=self._nonfinite_run,
+                )
+        self._clean_steps += 1
+        if self.micro < self.max_micro and self._clean_steps >= self.regrow_after:
+            grown = min(self.max_micro, 2 * self.micro)
+            self.regrowths.append(Backoff(self._epoch, self.steps, self.micro, grown))
+            logger.info("micro-batch %d → %d after %d clean steps", self.micro, grown, self._clean_steps)
+            self.micro, self._clean_steps = grown, 0
+
+    def _optimizer_error(self, outcome: StepOutcome) -> OptimizerStepError:
+        step, ranks = self.steps + 1, list(outcome.oom_ranks)
+        where = f" on rank(s) {ranks}" if self.group is not None else ""
+        if outcome.partial:
+            return OptimizerStepError(
+                f"Out of memory inside optimizer.step() of step {step}{where}, after it had begun to update "
+                "the parameters or the optimizer state. That update can be neither undone nor repeated "
+                "without applying part of it twice, so training stops here: the model holds a partly "
+                "updated step. Restart from your last checkpoint with headroom for the optimizer step "
+                "(margin=0.1, or a smaller micro_batch), or an optimizer with less state.",
+                partial=True,
+                step=step,
+            )
+        return OptimizerStepError(
+            f"Out of memory inside optimizer.step() of step {step}{where}, also when tried again after the "
+            "cached memory was released; nothing of the step was applied. The optimizer step alone (weights, "
+            "gradients and optimizer state, no activations) does not fit: give it more memory, or use an "
+            "optimizer with less state (SGD instead of Adam, or foreach=False).",
+            partial=False,
+            step=step,
+        )
 
     def _backed_off(self, old: int, new: int) -> None:
         self.backoffs.append(Backoff(self._epoch, self.steps, old, new))
@@ -191,68 +246,37 @@ class TrainLoop:
             plan(new, self.target_batch, self.world_size).describe(),
         )
 
-    def optimizer_step(self, host: Any, samples: int | None = None) -> torch.Tensor:
-        """One optimizer step over a whole effective batch, backing off on out-of-memory.
-
-        Args:
-            host: the step's batch on the host (this rank's share of it under DDP; may be ``None``).
-            samples: the step's samples over all ranks (default: the size of ``host``).
-        """
-        n = samples if samples is not None else batch_size_of(host)
-        items = self._count_items(host) if self.num_items is not None else None
-        # Every rank starts from the same micro-batch, so that all back off alike.
-        first_try = min(self.micro, -(-n // self.world_size))
-        (loss, applied), used = run_shrinking(
-            lambda micro: self._accumulate(host, micro, n, items),
-            first_try,
-            release=self._release,
-            on_shrink=self._backed_off,
-            what="training step",
-            floor=min(self._floor, first_try),
-        )
-        if used < first_try:
-            self.micro = used
-        self.steps += 1
-        self.samples += n
-        if applied:
-            if self.scheduler is not None:
-                self.scheduler.step()
-        else:
-            self.skipped_steps += 1
-        self._clean_steps += 1
-        if self.micro < self.max_micro and self._clean_steps >= self.regrow_after:
-            grown = min(self.max_micro, 2 * self.micro)
-            self.regrowths.append(Backoff(self._epoch, self.steps, self.micro, grown))
-            logger.info("micro-batch %d → %d after %d clean steps", self.micro, grown, self._clean_steps)
-            self.micro, self._clean_steps = grown, 0
-        return loss
-
     # -- epochs ------------------------------------------------------------------------------------
-    def run_epoch(self, epoch: int, epochs: int, order: list[int], *, drop_last: bool = False) -> list[float]:
-        """Train one epoch over ``order`` (every index once); returns the epoch's per-step losses."""
+    def run_epoch(self, epoch: int, epochs: int) -> list[float]:
+        """Train one epoch (every sample once); returns the epoch's per-step losses."""
+        session, train = self.session, self.session.options.train
         self._epoch = epoch
-        steps = [order[i : i + self.target_batch] for i in range(0, len(order), self.target_batch)]
-        if drop_last and steps and len(steps[-1]) < self.target_batch:
-            steps.pop()
-        self.stepper.model.train()
+        generator = torch.Generator().manual_seed(session.order_seed + epoch)
+        order = session.source.epoch_order(train.shuffle, generator, epoch)
+        steps = epoch_steps(order, self.target_batch, drop_last=train.drop_last, floor=self.floor)
+        session.model.train()
         sizes = [len(step) for step in steps]
         if self.group is not None:
-            steps = [distributed.share(step, self.group.rank, self.world_size) for step in steps]
-        losses: list[torch.Tensor] = []
+            steps = [distributed.share(s, self.group.rank, self.world_size, self.floor) for s in steps]
+        losses: list[float] = []
         started = time.perf_counter()
         samples = 0
+        progress = train.progress if session.is_main else False
         with tqdm(
             total=len(steps),
             desc=f"epoch {epoch + 1}/{epochs}",
             unit="step",
-            disable=None if self.progress is None else not self.progress,
+            disable=None if progress is None else not progress,
             leave=True,
         ) as bar:
-            batches = self.source.loader([step for step in steps if step])
+            batches = session.source.loader([step for step in steps if step])
             for index, (step, size) in enumerate(zip(steps, sizes, strict=True)):
-                host = next(batches) if step else None
-                loss = self.optimizer_step(host, size)
-                losses.append(loss)
+                data, failure = None, None
+                try:
+                    data = next(batches) if step else None
+                except Exception as exc:  # a failing dataset on one rank must stop every rank
+                    failure = exc
+                losses.append(self.optimizer_step(data, size, failure))
                 samples += size
                 bar.update(1)
                 if not bar.disable and (index % 10 == 0 or index == len(steps) - 1):
@@ -260,13 +284,12 @@ class TrainLoop:
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(
                         batch=f"{current.micro_batch}×{current.accumulation_steps}={current.effective_batch}",
-                        loss=f"{loss.item():.4f}",  # a device sync, only when the bar is shown
+                        loss=f"{losses[-1]:.4f}",
                         samples_s=f"{samples / elapsed:,.0f}",
                         oom=len(self.backoffs),
                         refresh=False,
                     )
-        history = torch.stack(losses).tolist() if losses else []
-        return [float(x) for x in history]
+        return losses
 
 
 def warn_batchnorm(model: torch.nn.Module, current: Plan) -> None:

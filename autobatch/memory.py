@@ -1,24 +1,25 @@
-"""Device memory: parse ``memory_limit``, cap or emulate the device, and measure peaks.
+"""Device memory: one policy for enforcing a limit and measuring a step, for the probe and training alike.
 
-Three regimes, chosen by :class:`DeviceMemory` from the device and the limit:
+:class:`DeviceMemory` decides, from the device and the limit alone:
 
-* **CUDA**: PyTorch's caching allocator is capped to the limit with
-  ``torch.cuda.set_per_process_memory_fraction`` for the duration of :meth:`DeviceMemory.capped`; peaks
-  come from ``max_memory_allocated`` (and ``max_memory_reserved``, reported too).
-* **Emulated** (the CPU, and any device without an allocator cap): an
-  :class:`~autobatch.emulate.EmulatedDevice` counts live tensor bytes and raises
-  ``torch.OutOfMemoryError`` at the limit. Without a ``memory_limit`` on the CPU the probe still runs
-  emulated, under :func:`default_cpu_limit` (half of the RAM available when it starts), so that a probe
-  can never push the host into the Linux OOM killer, which cannot be caught.
-* **Unlimited**: the training loop on the CPU without a ``memory_limit`` runs at full speed with no
-  emulation; real allocator failures are still caught as out-of-memory.
+* **CUDA**: a limit caps PyTorch's caching allocator (``torch.cuda.set_per_process_memory_fraction``)
+  inside :meth:`DeviceMemory.capped`; peaks come from ``max_memory_allocated``/``max_memory_reserved``.
+* **Any other device with a limit**: an :class:`~autobatch.emulate.EmulatedDevice` counts live tensor bytes
+  and raises ``torch.OutOfMemoryError`` at the limit, deterministically.
+* **No limit**: nothing is enforced (a real allocator failure is still an out-of-memory). The one
+  exception is :meth:`DeviceMemory.guarded`, which the probe uses: where device memory is host RAM (the
+  CPU, Apple's MPS), a probe without a limit emulates a device of half the RAM available, so that its
+  growing batches can never wake the Linux OOM killer, which cannot be caught.
+
+Callers never ask which regime they run in: :meth:`DeviceMemory.measure` is a no-op where nothing can be
+measured, and :meth:`DeviceMemory.transfer` always moves a batch onto the device (on an emulated device
+that is a counted copy, as a host-to-device copy is).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,79 +27,25 @@ from typing import Any
 
 import torch
 
-from autobatch.data import map_tensors
-from autobatch.emulate import EmulatedDevice, format_bytes
+from autobatch._tree import map_tensors
+from autobatch.emulate import EmulatedDevice
+from autobatch.errors import UsageTypeError
+from autobatch.units import format_bytes, parse_memory_limit
 
 __all__ = [
     "DeviceMemory",
     "Measurement",
     "default_cpu_limit",
-    "format_bytes",
     "memory_limit_scope",
-    "parse_memory_limit",
     "resolve_memory_limit",
     "tensor_bytes",
 ]
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-    "K": 2**10,
-    "M": 2**20,
-    "G": 2**30,
-    "T": 2**40,
-}
-_LIMIT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-
 DEFAULT_CPU_FRACTION = 0.5
-"""Share of the host's available RAM that an emulated CPU device may use when no limit is given."""
+"""Share of the host's available RAM that a probe may use on a host-memory device when no limit is given."""
 
-
-def parse_memory_limit(value: int | str | None, *, name: str = "memory_limit") -> int | None:
-    """Turn a memory limit into bytes.
-
-    Args:
-        value: ``None`` (no limit), a positive int of bytes, or a string such as ``"8GiB"``,
-            ``"512MiB"``, ``"1.5GB"`` (binary units KiB/MiB/GiB/TiB or K/M/G/T; decimal KB/MB/GB/TB).
-        name: the argument name used in error messages.
-
-    Raises:
-        TypeError: ``value`` is neither ``None``, an int nor a str.
-        ValueError: the string does not parse or the amount is not positive.
-
-    Example:
-        >>> parse_memory_limit("512MiB"), parse_memory_limit("1.5GB"), parse_memory_limit(4096)
-        (536870912, 1500000000, 4096)
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(
-            f"Expected `{name}` to be an int of bytes or a string such as '8GiB', "
-            f"but got {value!r} ({type(value).__name__})."
-        )
-    if isinstance(value, int):
-        nbytes = value
-    else:
-        match = _LIMIT_RE.match(value)
-        unit = match.group(2).upper() if match else None
-        if match is None or unit not in _UNITS:
-            raise ValueError(
-                f"Expected `{name}` to be a size such as '8GiB', '512MiB' or '1.5GB', but got {value!r}."
-            )
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
-    if nbytes <= 0:
-        raise ValueError(f"Expected `{name}` to be a positive size, but got {value!r}.")
-    return nbytes
-
+_HOST_MEMORY = ("cpu", "mps")
+"""Device types whose memory is the host's RAM."""
 
 _SCOPED_LIMIT: ContextVar[int | None] = ContextVar("autobatch_memory_limit", default=None)
 
@@ -116,7 +63,7 @@ def memory_limit_scope(limit: int | str) -> Iterator[int]:
     """
     nbytes = parse_memory_limit(limit)
     if nbytes is None:
-        raise TypeError(
+        raise UsageTypeError(
             "Expected `memory_limit` to be an int of bytes or a string such as '8GiB', but got None."
         )
     token = _SCOPED_LIMIT.set(nbytes)
@@ -133,7 +80,7 @@ def resolve_memory_limit(value: int | str | None) -> int | None:
 
 
 def default_cpu_limit() -> int:
-    """Half of the host RAM available now: the emulated CPU device's capacity when none is given."""
+    """Half of the host RAM available now: a guarded probe's emulated capacity when none is given."""
     available = None
     with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
         for line in f:
@@ -169,23 +116,36 @@ class Measurement:
 
 
 class DeviceMemory:
-    """Cap, emulate and measure the memory of one device.
+    """The memory of one device under one limit.
 
     Args:
-        device: the training device.
-        limit: bytes the step may use, or ``None``.
-        emulate: force emulation on (``True``) or off (``False``); ``None`` picks it: emulated on any
-            non-CUDA device that has a limit.
+        device: the device.
+        limit: bytes a step may use, or ``None`` for no limit.
     """
 
-    def __init__(self, device: torch.device, limit: int | None, *, emulate: bool | None = None) -> None:
+    def __init__(self, device: torch.device, limit: int | None) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.emulated = (not self.is_cuda and limit is not None) if emulate is None else emulate
-        if self.emulated and limit is None:
-            limit = default_cpu_limit()
         self.limit = limit
-        self._emulator: EmulatedDevice | None = None
+        self.emulated = not self.is_cuda and limit is not None
+        self.guard = False  # the limit is a guard the probe chose, not the user's
+
+    def guarded(self) -> DeviceMemory:
+        """This memory for a probe: without a limit, a host-memory device gets half the available RAM."""
+        if self.limit is not None or self.device.type not in _HOST_MEMORY:
+            return self
+        guarded = DeviceMemory(self.device, default_cpu_limit())
+        guarded.guard = True
+        return guarded
+
+    @property
+    def capacity(self) -> int | None:
+        """The bytes a step may use: the limit, else the whole CUDA device, else unknown."""
+        if self.limit is not None:
+            return self.limit
+        if self.is_cuda:
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        return None
 
     @contextlib.contextmanager
     def capped(self) -> Iterator[None]:
@@ -206,19 +166,17 @@ class DeviceMemory:
 
     @contextlib.contextmanager
     def measure(self, resident: Iterable[torch.Tensor] = ()) -> Iterator[Measurement]:
-        """Measure the peak of the block; emulated devices count ``resident`` tensors from the start."""
+        """Measure the block's peak (and, emulated, enforce the limit); ``resident`` counts from the start."""
         result = Measurement()
         if self.emulated:
-            assert self.limit is not None  # set in __init__ whenever emulated
+            assert self.limit is not None
             emulator = EmulatedDevice(self.limit, resident, device=self.device)
-            self._emulator = emulator
             try:
                 with emulator:
                     result.resident_bytes = emulator.resident_bytes
                     result._peak_now = lambda: emulator.peak_bytes
                     yield result
             finally:
-                self._emulator = None
                 result.peak_bytes = emulator.peak_bytes
             return
         if self.is_cuda:
@@ -234,9 +192,13 @@ class DeviceMemory:
         yield result
 
     def transfer(self, batch: Any) -> Any:
-        """Move every tensor of ``batch`` to the device (a counted copy on an emulated device)."""
-        if self._emulator is not None:
-            return self._emulator.transfer(batch)
+        """Move every tensor of ``batch`` onto the device.
+
+        On an emulated device the batch is copied (inside :meth:`measure`, the copy is counted), as a
+        host-to-device copy is; elsewhere it is ``tensor.to(device)``.
+        """
+        if self.emulated:
+            return map_tensors(torch.clone, batch)
         device, non_blocking = self.device, self.is_cuda
         return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
@@ -244,5 +206,7 @@ class DeviceMemory:
         """One line for logs and tables: the limit and how it is enforced."""
         if self.limit is None:
             return "no limit"
-        how = "emulated" if self.emulated else "allocator cap" if self.is_cuda else "unenforced"
+        how = "emulated" if self.emulated else "allocator cap"
+        if self.guard:
+            how = "emulated: half the available RAM, as no memory_limit was given"
         return f"{format_bytes(self.limit)} ({how})"

@@ -1,4 +1,7 @@
-"""What the probe and fit return: data first, rendered as rich tables only at the edge."""
+"""What the probe, evaluation and fit return: data first, rendered as rich tables only at the edge.
+
+Imports no torch: the command line reads cached results without loading it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from autobatch.evaluate import EvalReport
-from autobatch.memory import format_bytes
-from autobatch.plan import Plan
+from autobatch.planner import Plan
 from autobatch.search import Trial
+from autobatch.units import format_bytes
 
-__all__ = ["Backoff", "FitResult", "ProbeResult", "Trial"]
+__all__ = ["Backoff", "EvalReport", "FitResult", "ProbeResult"]
 
 
 def _bytes(n: float | None) -> str:
@@ -35,7 +37,7 @@ class ProbeResult:
         fixed_bytes: the fitted memory model's constant term (model state and workspace).
         bytes_per_sample: the fitted memory model's slope.
         model_state_bytes: parameters, buffers, gradients and optimizer state held between steps.
-        steps: training steps run, the warm-up included.
+        optimizer_steps: optimizer steps the probe ran (one per trial, the warm-up included).
         ooms: trials that ran out of memory.
         margin: the fraction left free.
         multiple_of: the rounding applied.
@@ -55,7 +57,7 @@ class ProbeResult:
     fixed_bytes: float | None = None
     bytes_per_sample: float | None = None
     model_state_bytes: int | None = None
-    steps: int = 0
+    optimizer_steps: int = 0
     ooms: int = 0
     margin: float = 0.0
     multiple_of: int = 1
@@ -101,7 +103,7 @@ class ProbeResult:
             why = f"{self.first_failure} does not fit"
         return (
             f"micro-batch {self.micro_batch} (largest fitting {self.max_fitting_batch}, {why}) on "
-            f"{self.device} in {self.precision}, {self.steps} steps, {self.ooms} OOM"
+            f"{self.device} in {self.precision}, {self.optimizer_steps} steps, {self.ooms} OOM"
             + ("s" if self.ooms != 1 else "")
             + (" (cached)" if self.cached else "")
         )
@@ -143,6 +145,38 @@ class ProbeResult:
         )
 
 
+@dataclass
+class EvalReport:
+    """Predictions scored by ``sklearn.metrics.classification_report``.
+
+    Attributes:
+        report: the report as a dict (per class precision/recall/F1/support, accuracy, averages).
+        text: the same report as sklearn prints it.
+        accuracy: the share of correct predictions.
+        batch_size: the evaluation batch size that fitted.
+        samples: the number of samples scored.
+        epoch: the training epoch after which it was taken (``None`` outside training).
+    """
+
+    report: dict[str, Any]
+    text: str
+    accuracy: float
+    batch_size: int
+    samples: int
+    epoch: int | None = None
+    backoffs: list[tuple[int, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "epoch": self.epoch,
+            "accuracy": self.accuracy,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "report": self.report,
+        }
+
+
 @dataclass(frozen=True)
 class Backoff:
     """A change of the training micro-batch: an out-of-memory back-off, or a regrowth after clean steps."""
@@ -162,12 +196,16 @@ class FitResult:
         plan: the plan training started with.
         final_plan: the plan in force at the end (after back-offs and regrowths).
         losses: the loss of every optimizer step, averaged over its effective batch.
-        skipped_steps: optimizer steps skipped by the GradScaler for inf/NaN gradients.
+        skipped_steps: optimizer steps not applied: skipped by the GradScaler for inf/NaN gradients, or
+            for a NaN/infinite loss (those are also counted in ``nonfinite_steps``).
+        nonfinite_steps: optimizer steps whose loss (or clipped gradient norm) was NaN or infinite; they
+            were skipped, and :class:`~autobatch.errors.NonFiniteLossError` stops training after
+            several in a row.
         backoffs: out-of-memory back-offs during training (epoch, step, from, to).
         regrowths: micro-batch increases back towards the probed size after clean steps.
         evals: one evaluation report per epoch when ``eval_data`` was given.
         epochs: epochs trained.
-        steps: optimizer steps run (skipped ones included).
+        optimizer_steps: optimizer steps run (skipped ones included).
         samples: training samples processed (each once per epoch).
         train_seconds: wall time of the training epochs (probe and evaluation excluded).
         seconds: wall time of the whole call.
@@ -178,11 +216,12 @@ class FitResult:
     final_plan: Plan
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    nonfinite_steps: int = 0
     backoffs: list[Backoff] = field(default_factory=list)
     regrowths: list[Backoff] = field(default_factory=list)
     evals: list[EvalReport] = field(default_factory=list)
     epochs: int = 0
-    steps: int = 0
+    optimizer_steps: int = 0
     samples: int = 0
     train_seconds: float = 0.0
     seconds: float = 0.0
@@ -205,11 +244,12 @@ class FitResult:
             "final_plan": self.final_plan.to_dict(),
             "losses": list(self.losses),
             "skipped_steps": self.skipped_steps,
+            "nonfinite_steps": self.nonfinite_steps,
             "backoffs": [asdict(b) for b in self.backoffs],
             "regrowths": [asdict(b) for b in self.regrowths],
             "evals": [e.to_dict() for e in self.evals],
             "epochs": self.epochs,
-            "steps": self.steps,
+            "optimizer_steps": self.optimizer_steps,
             "samples": self.samples,
             "train_seconds": self.train_seconds,
             "seconds": self.seconds,
@@ -225,7 +265,9 @@ class FitResult:
         table.add_row("plan", self.plan.describe())
         if self.final_plan != self.plan:
             table.add_row("final plan", self.final_plan.describe())
-        table.add_row("epochs / steps", f"{self.epochs} / {self.steps} ({self.skipped_steps} skipped)")
+        table.add_row(
+            "epochs / steps", f"{self.epochs} / {self.optimizer_steps} ({self.skipped_steps} skipped)"
+        )
         if self.losses:
             table.add_row("loss", f"{self.losses[0]:.4f} → {self.losses[-1]:.4f}")
         table.add_row("OOM back-offs", str(len(self.backoffs)))

@@ -1,162 +1,394 @@
-"""One probe session: a validated setup that runs the real training step at any batch size.
+"""One setup for every entry point: :func:`resolve` checks everything, :meth:`Session.start` acts.
 
-A :class:`Session` binds the model, optimizer, data and device memory to one
-:class:`~autobatch.step.Stepper`, the step the training loop runs. :meth:`Session.try_step` runs it on the
-worst-case batch of a size and measures its peaks, under torchrun in lockstep with the other ranks;
-:meth:`Session.steady_state` snapshots everything, runs the warm-up step that creates the optimizer
-state, and restores it all bit for bit afterwards.
+:func:`resolve` runs every check of a call — the options, the model, the device, the optimizer and the
+scheduler, the data and the evaluation data — and changes nothing: no model is moved, no generator is
+seeded or drawn from (samples are read under :func:`~autobatch.state.preserved_rng`), no process group
+is created, no optimizer is built. It applies one device and memory policy (:mod:`autobatch.memory`) that
+the probe and the training loop share. :meth:`Session.start` then takes the actions, in order, and undoes
+them if anything fails before training begins.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import copy
+import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from autobatch import distributed
-from autobatch.data import SizeFn, as_source
-from autobatch.errors import NoBatchFitsError
-from autobatch.memory import DeviceMemory, resolve_memory_limit, tensor_bytes
-from autobatch.oom import frozen_heap, is_oom, release_memory
-from autobatch.search import OutOfMemory, Peaks
-from autobatch.state import snapshot
-from autobatch.step import LossFn, StepFn, Stepper, resolve_precision, smallest_batch
-from autobatch.validate import check_model_and_optimizer, resolve_device
+from autobatch.data import DataSource, as_source
+from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.memory import DeviceMemory, resolve_memory_limit
+from autobatch.options import Options
+from autobatch.planner import plan
+from autobatch.state import preserved_rng, restore_rng, rng_state
+from autobatch.step import resolve_precision, smallest_batch
 
-__all__ = ["Session"]
-
-logger = logging.getLogger("autobatch.probe")
+__all__ = ["Session", "resolve"]
 
 
+@dataclass
 class Session:
-    """The validated setup shared by :func:`probe` and :func:`try_batch`: one step function, one device."""
+    """A checked setup: what :func:`resolve` found, and what :meth:`start` made of it.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Any,
-        *,
-        optimizer: torch.optim.Optimizer | None,
-        loss_fn: LossFn | None,
-        step_fn: StepFn | None,
-        precision: str,
-        memory_limit: int | str | None,
-        device: torch.device | str | None,
-        size_fn: SizeFn | None,
-        grad_clip: float | None,
-        scaler: torch.amp.GradScaler | None,
-        accumulate: bool,
-    ) -> None:
-        limit = resolve_memory_limit(memory_limit)
-        self.accumulate = bool(accumulate)
-        model, _ = distributed.unwrap(model)  # every rank probes its own copy of the module
-        self.device = resolve_device(device, model)
-        self.group = distributed.setup(self.device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model
-        self.optimizer = check_model_and_optimizer(model, optimizer)
-        self.source = as_source(data)
-        if step_fn is None:
-            self.source.check_labelled()
-        self.size_fn = size_fn
-        self.user_scaler = scaler
-        self.memory = DeviceMemory(self.device, limit, emulate=self.device.type != "cuda")
-        self.predict_limit = self.memory.limit
-        if self.predict_limit is None and self.device.type == "cuda":
-            self.predict_limit = torch.cuda.get_device_properties(self.device).total_memory
-        if self.group is not None and self.predict_limit is not None:
-            # Ranks with different limits must still search alike: all predict from the smallest.
-            self.predict_limit = int(self.group.min([self.predict_limit])[0])
-        # The probe steps with a scaler of its own whose scale starts at 1: a first step skipped for
-        # inf gradients would not create the optimizer state that steady state needs.
-        fp16 = self.precision == "fp16"
-        probe_scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=fp16)
-        self.stepper = Stepper(
-            model,
-            self.optimizer,
-            self.memory,
-            self.precision,
-            loss_fn=loss_fn,
-            step_fn=step_fn,
-            grad_clip=grad_clip,
-            scaler=probe_scaler,
-        )
-        self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
-        self.steps = 0
-        self.floor = min(smallest_batch(model), len(self.source))
+    Attributes:
+        options: the checked options of the call.
+        model: the module that trains (unwrapped from a user's DDP wrapper).
+        ddp: the DDP wrapper the forward runs through (the user's, or made by :meth:`start` for fit).
+        device: the device to run on.
+        precision: the resolved precision.
+        memory: the device memory, with the resolved limit.
+        optimizer: the user's optimizer; after :meth:`start`, the default one if none was given.
+        source: the training data; ``eval_source`` the evaluation data, if any.
+        floor: the smallest micro-batch the model can train on (2 with BatchNorm).
+        world_size: the ranks expected (the group's size once started).
+    """
 
-    def try_step(self, batch_size: int) -> Peaks:
-        """One full training step on the worst-case batch; raises OutOfMemory when it does not fit."""
-        batch = self.source.worst_case(batch_size, self.size_fn)
-        self.steps += 1
-        out_of_memory = False
-        backward_peak: int | None = None
-        try:
-            with self.memory.measure(self.stepper.state_tensors()) as measured:
-                if self.accumulate:
-                    # A micro-step after the first adds onto existing gradients: measure that one too.
-                    self.stepper.backward(batch, 0.5)
-                self.stepper.backward(batch, 0.5 if self.accumulate else 1.0)
-                backward_peak = measured.peak_so_far()
-                self.stepper.step()
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            out_of_memory = True
-        backward_peak = None if out_of_memory else backward_peak
-        step_peak = None if out_of_memory else measured.peak_bytes
-        if self.group is not None:
-            # Every rank takes the branch of the worst rank: the search stays in lockstep.
-            flag, step_max, backward_max = self.group.max(
-                [float(out_of_memory), _or_minus_one(step_peak), _or_minus_one(backward_peak)]
-            )
-            out_of_memory = flag > 0
-            step_peak = None if step_max < 0 else int(step_max)
-            backward_peak = None if backward_max < 0 else int(backward_max)
-        # Memory is released only here, outside the except block, whose traceback holds the failed
-        # step's tensors.
-        if out_of_memory:
-            del batch
-            self.stepper.reset_after_oom()
-            release_memory(self.model, self.optimizer)
-            raise OutOfMemory
-        if measured.resident_bytes is not None:
-            self.model_state_bytes = max(self.model_state_bytes, measured.resident_bytes)
-        logger.debug("probe: batch %d fits, peak %s", batch_size, step_peak)
-        return Peaks(step_peak, backward_peak)
+    options: Options
+    model: nn.Module
+    ddp: Any
+    device: torch.device
+    precision: str
+    memory: DeviceMemory
+    optimizer: torch.optim.Optimizer | None
+    source: DataSource
+    eval_source: DataSource | None
+    floor: int
+    world_size: int
+    group: distributed.Group | None = None
+    scheduler: Any = None
+    order_seed: int = 0
+    sync_buffers: bool = False
+    _undo: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and prints (rank 0, or a single process)."""
+        return self.group is None or self.group.is_main
 
     @contextlib.contextmanager
-    def steady_state(self) -> Iterator[bool]:
-        """Snapshot, cap memory and run the warm-up step; yields whether the smallest batch fitted;
-        restores all."""
-        with frozen_heap():
-            snap = snapshot(self.model, self.optimizer, self.user_scaler)
-            try:
-                self.model.train()
-                with self.memory.capped():
-                    try:
-                        # Creates the optimizer state: the trials then run at steady state.
-                        self.try_step(self.floor)
-                    except OutOfMemory:
-                        yield False
-                    else:
-                        yield True
-            finally:
-                snap.restore()
-                release_memory(self.model, self.optimizer)
+    def start(self) -> Iterator[Session]:
+        """Create the process group, then (fit) seed, move the model, build the optimizer and scheduler.
 
-    def nothing_fits(self) -> NoBatchFitsError:
-        return NoBatchFitsError.at_batch_one(
-            limit=self.memory.limit,
-            precision=self.precision,
-            model_state_bytes=self.model_state_bytes,
-            batch=self.floor,
+        Every rank checks that the others have the same data and options. If anything fails inside the
+        block before :meth:`training_began`, the model goes back to its device and the generators and
+        the optimizer's hyper-parameters to their states, as if the call had been refused.
+        """
+        fit = self.options.entry == "fit"
+        saved = _Saved.take(self.model, self.optimizer) if fit else None
+        self._undo = [saved] if saved is not None else []
+        try:
+            self.group = distributed.setup(self.device)
+            if self.group is not None:
+                self._check_ranks_agree()
+            if fit:
+                self._start_training()
+            yield self
+        except BaseException:
+            for undo in self._undo:
+                undo.restore()
+            raise
+
+    def training_began(self) -> None:
+        """From here on, a failure leaves the model where training left it."""
+        self._undo = []
+
+    def _check_ranks_agree(self) -> None:
+        assert self.group is not None
+        train = self.options.train
+        checks = {
+            "dataset length (`data`)": len(self.source),
+            "evaluation dataset length (`eval_data`)": len(self.eval_source) if self.eval_source else 0,
+            "`target_batch`": train.target_batch,
+            "`epochs`": train.epochs,
+            "`drop_last`": int(train.drop_last),
+            "`micro_batch`": train.micro_batch or 0,
+        }
+        for what, value in checks.items():
+            self.group.check_same(what, int(value))
+
+    def _start_training(self) -> None:
+        train = self.options.train
+        if train.seed is not None:
+            torch.manual_seed(train.seed)
+            random.seed(train.seed)
+            np.random.seed(train.seed % 2**32)
+        self.order_seed = train.seed if train.seed is not None else int(torch.randint(2**62, ()).item())
+        self.model.to(self.device)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad], lr=1e-3
+            )
+        self.scheduler = _bind_scheduler(train.scheduler, self.optimizer)
+        if self.group is not None:
+            self.order_seed = int(self.group.broadcast(self.order_seed))
+            if self.ddp is None:
+                self.ddp = distributed.wrap(self.model, self.device)
+                self.sync_buffers = True  # what DDP's default broadcast_buffers=True gives, at a safe point
+            else:
+                self.sync_buffers = distributed.syncs_buffers(self.ddp)
+
+
+@dataclass
+class _Saved:
+    """What :meth:`Session.start` changes: undone when the call fails before training begins."""
+
+    model: nn.Module
+    devices: list[tuple[torch.Tensor, torch.device]]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    rng: Any
+    optimizer: torch.optim.Optimizer | None
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> _Saved:
+        groups = []
+        if optimizer is not None:
+            groups = [
+                copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
+            ]
+        devices = [(t, t.device) for t in [*model.parameters(), *model.buffers()]]
+        # Buffers are small and a forward changes them (BatchNorm statistics) before a step can fail.
+        buffers = [(b, b.detach().to("cpu", copy=True)) for b in model.buffers()]
+        return cls(model, devices, buffers, rng_state(), optimizer, groups)
+
+    def restore(self) -> None:
+        places = {device for _, device in self.devices}
+        if len(places) == 1:
+            self.model.to(places.pop())  # moves pending gradients too
+        else:
+            for tensor, device in self.devices:
+                if tensor.device != device:
+                    tensor.data = tensor.data.to(device)
+        with torch.no_grad():
+            for buffer, data in self.buffers:
+                buffer.copy_(data)
+        restore_rng(self.rng)
+        if self.optimizer is not None:
+            for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
+                params = group["params"]
+                group.clear()
+                group.update(copy.deepcopy(saved))
+                group["params"] = params
+
+
+def _bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The scheduler of ``optimizer``: an instance as given, or what a factory returns (checked)."""
+    if scheduler is None:
+        return None
+    if callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "optimizer"):
+        made = scheduler
+    else:
+        made = scheduler(optimizer)
+    if not (callable(getattr(made, "step", None)) and hasattr(made, "optimizer")):
+        raise UsageTypeError(
+            f"Expected `scheduler` to make an LR scheduler of the optimizer, but the factory returned "
+            f"{type(made).__name__}."
+        )
+    if type(made).__name__ == "ReduceLROnPlateau":
+        raise UsageValueError(
+            "`scheduler` made a ReduceLROnPlateau, which steps on a metric that fit does not have. Step it "
+            "yourself after each epoch, or pass a scheduler that steps per optimizer step."
+        )
+    if made.optimizer is not optimizer:
+        raise UsageValueError(
+            "Expected `scheduler` to schedule the optimizer fit trains with, but it is bound to another "
+            "optimizer. Pass `optimizer=` the one it was made for, or a factory: "
+            "scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10)."
+        )
+    return made
+
+
+# -- resolve --------------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    """CUDA when available, then Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def check_device_available(device: torch.device, given: Any) -> torch.device:
+    """``device`` if this machine has it (a bare ``"cuda"`` becomes the current GPU), else a usage error."""
+    if device.type == "meta":
+        raise UsageValueError(
+            f"Expected `device` to be a device that can train, but got {str(given)!r}: meta tensors hold no "
+            "data. Use 'cuda' or 'cpu'."
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageValueError(f"`device` is {str(given)!r} but CUDA is not available here; use 'cpu'.")
+        if device.index is None:
+            local = distributed.local_device()  # cuda:LOCAL_RANK under torchrun
+            device = local if local is not None else torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise UsageValueError(
+                f"`device` is {str(given)!r} but this machine has {torch.cuda.device_count()} CUDA device(s)."
+            )
+        return device
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UsageValueError(
+            f"`device` is {str(given)!r} but no {device.type} device is available here; use 'cpu'."
+        )
+    return device
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return None
+
+
+def _check_model(model: Any) -> tuple[nn.Module, Any]:
+    if not isinstance(model, nn.Module):
+        raise UsageTypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    module, ddp = distributed.unwrap(model)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        raise UsageValueError(
+            f"Expected `model` to hold its weights, but {type(module).__name__} has parameters on the meta "
+            "device. Materialise it first, e.g. model.to_empty(device='cpu') then load or initialise them."
+        )
+    if not any(p.requires_grad for p in module.parameters()):
+        raise UsageValueError(
+            f"Expected `model` to have trainable parameters, but {type(module).__name__} has none "
+            "(all parameters have requires_grad=False, or it has no parameters)."
+        )
+    return module, ddp
+
+
+def _check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    if optimizer is None:
+        return
+    owned = {id(p) for p in module.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in owned for p in held)
+    if foreign or not any(p.requires_grad for p in held):
+        raise UsageValueError(
+            "Expected `optimizer` to hold the model's trainable parameters, but "
+            + (f"{foreign} of its {len(held)} parameters are not the model's" if foreign else "it holds none")
+            + ". Create it from this model: torch.optim.AdamW(model.parameters())."
         )
 
 
-def _or_minus_one(value: int | None) -> float:
-    return -1.0 if value is None else float(value)
+def _target_device(options: Options, module: nn.Module) -> torch.device:
+    """fit: the given device, else this rank's GPU, else the default; probe: the given one or the model's."""
+    given = options.memory.device
+    here = _model_device(module)
+    if options.entry == "fit":
+        if given is None:
+            local = distributed.local_device()
+            return local if local is not None else check_device_available(default_device(), "default")
+        return check_device_available(torch.device(given), given)
+    if given is None:
+        return here if here is not None else torch.device("cpu")
+    dev = check_device_available(torch.device(given), given)
+    if here is not None and (here.type, here.index or 0) != (dev.type, dev.index or 0):
+        raise UsageValueError(
+            f"The model lives on {here} but `device` is {dev}: move it first with model.to({str(dev)!r}) "
+            "(before creating its optimizer), or leave `device` unset."
+        )
+    return dev
+
+
+def resolve(model: Any, data: Any, options: Options) -> Session:
+    """Check the whole call: the options (already checked alone), the model, device, data and evaluation.
+
+    Changes nothing; :meth:`Session.start` acts.
+
+    Raises:
+        UsageTypeError, UsageValueError: the first problem found, naming the argument, what was expected
+            and what was got.
+    """
+    module, ddp = _check_model(model)
+    device = _target_device(options, module)
+    precision = resolve_precision(options.step.precision, device)
+    optimizer = options.step.optimizer
+    _check_optimizer(module, optimizer)
+    if options.entry == "fit":
+        _check_fit(module, device, optimizer, options)
+    limit = resolve_memory_limit(options.memory.memory_limit)
+    world_size = distributed.expected_world_size()
+    with preserved_rng():  # reading samples must not draw from the generators of an augmenting dataset
+        source = as_source(data)
+        if options.step.step_fn is None:
+            source.check_labelled()
+        eval_source = _eval_source(options)
+    floor = min(smallest_batch(module), len(source))
+    if options.entry == "fit":
+        plan(1, options.train.target_batch, world_size)  # a target the ranks cannot share
+        if len(source) < world_size:
+            raise UsageValueError(
+                f"Expected `data` to hold at least one sample per rank ({world_size}), but got {len(source)}."
+            )
+        if smallest_batch(module) > len(source):
+            raise UsageValueError(
+                f"Expected `data` to hold at least 2 samples: {type(module).__name__} has BatchNorm layers, "
+                f"which cannot train on one sample, but got {len(source)}."
+            )
+    return Session(
+        options=options,
+        model=module,
+        ddp=ddp,
+        device=device,
+        precision=precision,
+        memory=DeviceMemory(device, limit),
+        optimizer=optimizer,
+        source=source,
+        eval_source=eval_source,
+        floor=floor,
+        world_size=world_size,
+    )
+
+
+def _check_fit(
+    module: nn.Module, device: torch.device, optimizer: torch.optim.Optimizer | None, options: Options
+) -> None:
+    """What only fit needs: the optimizer's state can move, and a scheduler instance fits the optimizer."""
+    moves = any(p.device != device for p in module.parameters())
+    if optimizer is not None and any(optimizer.state.values()) and moves:
+        raise UsageValueError(
+            f"`optimizer` already holds state for parameters that are not on {device}; move the model "
+            "before creating its optimizer, or pass `device` matching the model."
+        )
+    scheduler = options.train.scheduler
+    is_instance = callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "optimizer")
+    if is_instance and (optimizer is None or scheduler.optimizer is not optimizer):
+        raise UsageValueError(
+            "Expected `scheduler` to schedule the optimizer fit trains with, but it is bound to another "
+            "optimizer"
+            + (" (fit builds its own AdamW when `optimizer` is not given)" if optimizer is None else "")
+            + ". Pass the optimizer it was made for, or a factory: "
+            "scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10)."
+        )
+
+
+def _eval_source(options: Options) -> DataSource | None:
+    evaluation = options.eval
+    if evaluation.eval_data is None:
+        return None
+    source = as_source(evaluation.eval_data, name="eval_data")
+    if evaluation.predict_fn is None:
+        source.check_labelled()
+    names = evaluation.target_names
+    if names is not None and evaluation.predict_fn is None:
+        largest = source.largest_label()
+        if largest is not None and largest >= len(names):
+            raise UsageValueError(
+                f"Expected `target_names` to name every class 0..{largest} of `eval_data`, but got "
+                f"{len(names)} names."
+            )
+    return source

@@ -15,10 +15,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from autobatch.errors import UsageValueError
+
 __all__ = ["SpecError", "load_spec"]
 
 
-class SpecError(ValueError):
+class SpecError(UsageValueError):
     """A ``MODULE:ATTR`` spec that cannot be resolved (a usage error: the CLI exits with 2)."""
 
 

@@ -1,23 +1,62 @@
 """Snapshot and restore everything a training step changes, bit for bit.
 
-The probe runs real optimizer steps; afterwards the model must be exactly as it was: parameters, buffers
-(BatchNorm running statistics), ``requires_grad`` flags, gradients, train/eval mode, optimizer state and
-hyper-parameters, GradScaler state, and the random number generators (torch CPU and CUDA, Python's
-``random``, NumPy's global generator). Copies are kept on the host so that a snapshot costs no device
-memory while the probe measures it.
+The probe runs real optimizer steps; afterwards everything must be exactly as it was:
+
+* each module's parameters and buffers, by module and name, so that a buffer that ``forward`` reassigns out
+  of place (``self.seen = self.seen + n``) is put back too, and the values written back in place, so that
+  references the user holds stay valid; ``requires_grad`` flags, pending gradients (mid-accumulation) and
+  train/eval modes;
+* the optimizer, through its own ``state_dict``/``load_state_dict`` (state created by the probe is gone,
+  hyper-parameters are back), keeping the identity of its ``param_groups`` dicts;
+* a GradScaler, its per-optimizer stage included;
+* the random number generators: torch's CPU and CUDA ones, Python's ``random`` and NumPy's global one.
+
+Copies are kept on the host, so a snapshot costs no device memory while the probe measures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Snapshot", "snapshot"]
+__all__ = ["Snapshot", "preserved_rng", "restore_rng", "rng_state", "snapshot"]
+
+
+def _host(value: Any) -> Any:
+    """A deep copy of ``value`` with every tensor copied to the host (detached)."""
+    if isinstance(value, torch.Tensor):
+        return _Saved(value.detach().to("cpu", copy=True), value.device)
+    if isinstance(value, dict):
+        return _rebuilt(value, {k: _host(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _rebuilt(original: dict[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """``items`` in a dict of ``original``'s type (a GradScaler keeps its per-optimizer defaultdict)."""
+    if isinstance(original, defaultdict):
+        return defaultdict(original.default_factory, items)
+    return items if type(original) is dict else type(original)(items)
+
+
+def _device(saved: Any) -> Any:
+    """The inverse of :func:`_host`: tensors back on the device they came from, as fresh copies."""
+    if isinstance(saved, _Saved):
+        return saved.data.to(saved.device, copy=True)
+    if isinstance(saved, dict):
+        return _rebuilt(saved, {k: _device(v) for k, v in saved.items()})
+    if isinstance(saved, (list, tuple)):
+        return type(saved)(_device(v) for v in saved)
+    return copy.deepcopy(saved)
 
 
 @dataclass(frozen=True)
@@ -26,33 +65,6 @@ class _Saved:
 
     data: torch.Tensor
     device: torch.device
-
-    def put_back(self, current: Any) -> torch.Tensor:
-        """Write into ``current`` in place when it still matches, else a fresh copy on the old device."""
-        if (
-            isinstance(current, torch.Tensor)
-            and current.shape == self.data.shape
-            and current.dtype == self.data.dtype
-            and current.device == self.device
-        ):
-            with torch.no_grad():
-                current.copy_(self.data)
-            return current
-        return self.data.to(self.device, copy=True)
-
-
-def _host_copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return _Saved(value.detach().to("cpu", copy=True), value.device)
-    if isinstance(value, dict):
-        return {k: _host_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_copy(v) for v in value)
-    return copy.deepcopy(value)
-
-
-def _put_back(current: Any, saved: Any) -> Any:
-    return saved.put_back(current) if isinstance(saved, _Saved) else copy.deepcopy(saved)
 
 
 @dataclass
@@ -63,14 +75,21 @@ class Snapshot:
     optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler | None
     tensors: list[tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]]
+    slots: list[tuple[nn.Module, str, dict[str, Any]]]
     modes: list[tuple[nn.Module, bool]]
-    optimizer_state: dict[Any, dict[str, Any]]
-    param_groups: list[dict[str, Any]]
+    optimizer_state: dict[str, Any] | None
     scaler_state: dict[str, Any]
     rng: dict[str, Any]
 
     def restore(self) -> None:
         """Put everything back as it was when the snapshot was taken."""
+        for module, kind, entries in self.slots:
+            table = getattr(module, kind)
+            for name in [n for n in table if n not in entries]:
+                del table[name]  # registered after the snapshot
+            for name, tensor in entries.items():
+                if table.get(name) is not tensor:
+                    table[name] = tensor  # reassigned after the snapshot
         with torch.no_grad():
             for tensor, data, requires_grad, grad in self.tensors:
                 tensor.copy_(data)
@@ -79,36 +98,29 @@ class Snapshot:
                     tensor.grad = None if grad is None else grad.to(tensor.device)
         for module, training in self.modes:
             module.training = training
-        if self.optimizer is not None:
-            restored: dict[Any, dict[str, Any]] = {}
-            for param, state in self.optimizer_state.items():
-                now = self.optimizer.state.get(param, {})
-                restored[param] = {key: _put_back(now.get(key), value) for key, value in state.items()}
-            self.optimizer.state.clear()
-            self.optimizer.state.update(restored)
-            for group, saved in zip(self.optimizer.param_groups, self.param_groups, strict=True):
-                params = group["params"]
-                group.clear()
-                group.update(copy.deepcopy(saved))
-                group["params"] = params
+        if self.optimizer is not None and self.optimizer_state is not None:
+            _restore_optimizer(self.optimizer, _device(self.optimizer_state))
         if self.scaler is not None:
-            _restore_scaler(self.scaler, self.scaler_state)
-        _set_rng(self.rng)
+            for key, value in self.scaler_state.items():
+                setattr(self.scaler, key, _device(value))
+        restore_rng(self.rng)
 
 
-def _scaler_tensors(scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    return {k: _host_copy(v) for k, v in vars(scaler).items() if k != "_per_optimizer_states"}
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    groups = optimizer.param_groups
+    originals = list(groups)
+    optimizer.load_state_dict(state)
+    # load_state_dict builds new group dicts; the user (or a scheduler) may hold the old ones.
+    for original, loaded in zip(originals, optimizer.param_groups, strict=True):
+        params = original["params"]
+        original.clear()
+        original.update(loaded)
+        original["params"] = params
+    optimizer.param_groups[:] = originals
 
 
-def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
-    for key, value in saved.items():
-        setattr(scaler, key, _put_back(getattr(scaler, key, None), value))
-    per_optimizer = getattr(scaler, "_per_optimizer_states", None)
-    if per_optimizer is not None:
-        per_optimizer.clear()
-
-
-def _get_rng() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The states of the global generators (torch CPU and CUDA, Python, NumPy)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -121,7 +133,8 @@ def _get_rng() -> dict[str, Any]:
     return state
 
 
-def _set_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put the global generators back to ``state`` (from :func:`rng_state`)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state:
@@ -130,6 +143,26 @@ def _set_rng(state: dict[str, Any]) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave the global random generators as they were, whatever the block draws.
+
+    Reading samples to check them must not consume the RNG of a dataset that augments at random.
+
+    Example:
+        >>> before = torch.get_rng_state()
+        >>> with preserved_rng():
+        ...     _ = torch.rand(10)
+        >>> torch.equal(torch.get_rng_state(), before)
+        True
+    """
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        restore_rng(saved)
 
 
 def snapshot(
@@ -151,27 +184,28 @@ def snapshot(
     """
     seen: set[int] = set()
     tensors = []
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        grad = t.grad.detach().to("cpu", copy=True) if t.grad is not None else None
-        tensors.append((t, t.detach().to("cpu", copy=True), t.requires_grad, grad))
-    optimizer_state: dict[Any, dict[str, Any]] = {}
-    param_groups: list[dict[str, Any]] = []
-    if optimizer is not None:
-        optimizer_state = {p: _host_copy(dict(s)) for p, s in optimizer.state.items()}
-        param_groups = [
-            copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
-        ]
+    slots: list[tuple[nn.Module, str, dict[str, Any]]] = []
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            entries = dict(getattr(module, kind))
+            slots.append((module, kind, entries))
+            for t in entries.values():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                grad = t.grad.detach().to("cpu", copy=True) if t.grad is not None else None
+                tensors.append((t, t.detach().to("cpu", copy=True), t.requires_grad, grad))
+    scaler_state: dict[str, Any] = {}
+    if scaler is not None:
+        scaler_state = {k: _host(v) for k, v in vars(scaler).items()}
     return Snapshot(
         model=model,
         optimizer=optimizer,
         scaler=scaler,
         tensors=tensors,
+        slots=slots,
         modes=[(m, m.training) for m in model.modules()],
-        optimizer_state=optimizer_state,
-        param_groups=param_groups,
-        scaler_state=_scaler_tensors(scaler) if scaler is not None else {},
-        rng=_get_rng(),
+        optimizer_state=_host(optimizer.state_dict()) if optimizer is not None else None,
+        scaler_state=scaler_state,
+        rng=rng_state(),
     )

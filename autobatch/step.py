@@ -1,24 +1,38 @@
-"""One training micro-step and one optimizer step, shared by the probe and the training loop.
+"""One micro-step and one optimizer step of one model, shared by the probe and the training loop.
 
 The probe measures exactly what the loop will run: the same autocast forward, loss, weighting, scaled
-backward, unscale, clipping, ``scaler.step`` and ``scaler.update`` (the order of nanoGPT's train.py).
+backward, unscale, clipping, ``scaler.step`` and ``scaler.update`` (the order of nanoGPT's train.py). How
+the micro-steps of a step and its optimizer step are put together, on every rank, is
+:mod:`autobatch.transaction`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.memory import DeviceMemory
+from autobatch.options import PRECISIONS
 
-__all__ = ["PRECISIONS", "Stepper", "batchnorm_layers", "compute_loss", "resolve_precision", "smallest_batch"]
+__all__ = [
+    "LossFn",
+    "StepFn",
+    "StepResult",
+    "Stepper",
+    "batchnorm_layers",
+    "compute_loss",
+    "resolve_precision",
+    "smallest_batch",
+]
 
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -42,14 +56,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     fp32 otherwise.
 
     Raises:
-        ValueError: ``precision`` is unknown, or the device's autocast does not support it.
+        UsageValueError: ``precision`` is unknown, or the device's autocast does not support it.
 
     Example:
         >>> resolve_precision("auto", torch.device("cpu"))
         'bf16'
     """
     if precision not in PRECISIONS:
-        raise ValueError(
+        raise UsageValueError(
             f"Expected `precision` to be one of {', '.join(map(repr, PRECISIONS))}, but got {precision!r}."
         )
     if precision == "auto":
@@ -57,11 +71,36 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp16"
         return "bf16" if _autocast_supported(device, torch.bfloat16) else "fp32"
     if precision != "fp32" and not _autocast_supported(device, _DTYPES[precision]):
-        raise ValueError(
+        raise UsageValueError(
             f"`precision={precision!r}` is not supported by autocast on device {str(device)!r}. "
             f"Use precision='auto' or 'fp32'."
         )
     return precision
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with keys {sorted(map(str, output))}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)}"
+    return f"a {type(output).__name__}"
+
+
+def _default_loss(output: Any, targets: Any) -> torch.Tensor:
+    """Cross-entropy of a tensor of logits; any other output is a usage error that says what to pass."""
+    if isinstance(output, torch.Tensor):
+        return nn.functional.cross_entropy(output, targets)
+    if isinstance(output, Mapping):
+        pick = "outputs['logits']" if "logits" in output else "outputs['KEY']"
+    elif hasattr(output, "logits"):
+        pick = "outputs.logits"
+    else:
+        pick = "outputs[0]"
+    raise UsageTypeError(
+        f"The model returned {_describe_output(output)}, but the default loss is cross-entropy on a tensor "
+        f"of logits. Pass loss_fn=lambda outputs, targets: torch.nn.functional.cross_entropy({pick}, "
+        "targets) (with the entry that holds your logits), or step_fn=lambda model, batch: loss."
+    )
 
 
 def compute_loss(
@@ -82,7 +121,7 @@ def compute_loss(
         out = model(**batch)
         loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
         if loss is None:
-            raise ValueError(
+            raise UsageValueError(
                 "A dict batch is passed as model(**batch), whose output must carry a `loss` (as "
                 "Hugging Face models do when the batch has `labels`); got an output without one. "
                 "Pass `step_fn=lambda model, batch: ...` to compute the loss yourself."
@@ -91,9 +130,8 @@ def compute_loss(
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         *inputs, targets = batch
         output = model(*inputs)
-        fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
-        return fn(output, targets)
-    raise ValueError(
+        return (loss_fn or _default_loss)(output, targets)
+    raise UsageValueError(
         "Expected each batch to be a dict or a sequence (inputs, targets), but got "
         f"{type(batch).__name__}. Pass `step_fn=lambda model, batch: loss` for other layouts."
     )
@@ -110,18 +148,29 @@ def smallest_batch(model: nn.Module) -> int:
     return 2 if batchnorm_layers(model) else 1
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What an optimizer step did: ``applied`` unless skipped, and whether its loss was non-finite."""
+
+    applied: bool
+    nonfinite: bool = False
+
+
 class Stepper:
-    """Runs micro-steps and optimizer steps of one model on one device in one precision.
+    """Runs the micro-steps and the optimizer steps of one model on one device in one precision.
 
     Args:
-        model: the model, already on ``memory.device``.
+        model: the model, already on ``memory.device``; its parameters are the ones trained.
         optimizer: its optimizer.
         memory: the device memory the batches are moved to.
         precision: a resolved precision (see :func:`resolve_precision`).
+        forward: the module that runs the forward (a DDP wrapper of ``model``), default ``model``.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         step_fn: ``step_fn(model, batch) -> loss`` replaces the forward and loss entirely.
         grad_clip: clip the gradient norm to this value after unscaling, or ``None``.
         scaler: the GradScaler to use; by default one enabled only for fp16.
+        skip_nonfinite: skip (do not apply) an optimizer step whose loss is NaN or infinite, or whose
+            clipped gradient norm is; the probe measures every step instead, so it passes ``False``.
     """
 
     def __init__(
@@ -131,25 +180,31 @@ class Stepper:
         memory: DeviceMemory,
         precision: str,
         *,
+        forward: nn.Module | None = None,
         loss_fn: LossFn | None = None,
         step_fn: StepFn | None = None,
         grad_clip: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
         self.model = model
+        self.forward_module = forward if forward is not None else model
         self.optimizer = optimizer
         self.memory = memory
         self.precision = precision
         self.loss_fn = loss_fn
         self.step_fn = step_fn
         self.grad_clip = grad_clip
+        self.skip_nonfinite = skip_nonfinite
         self.device_type = memory.device.type
         self.dtype = _DTYPES[precision]
         if scaler is None:
             scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.scaler = scaler
         self._loss: torch.Tensor | None = None
-        self.last_loss: torch.Tensor | None = None
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # How far the optimizer step under way got: its gradients are unscaled, clipped.
+        self.unscaled = self.clipped = False
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast region of the forward pass (none in fp32)."""
@@ -157,23 +212,23 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
         """Forward and scaled backward of one micro-batch; returns its unweighted loss, detached.
 
-        ``weight`` is the micro-batch's share of the effective batch (its samples or items over the
-        step's total), so that the accumulated gradient equals the gradient of the whole batch. The
-        weighted losses add up to the step's loss, :attr:`last_loss` after :meth:`step`.
+        ``weight`` is the micro-batch's share of the step (its samples or items over the step's total, all
+        ranks together), so that the accumulated gradient equals the gradient of the whole batch. The
+        weighted losses add up to the step's loss (:meth:`pending_loss`).
         """
         batch = self.memory.transfer(batch)
         with self.autocast():
-            loss = compute_loss(self.model, batch, self.loss_fn, self.step_fn)
+            loss = compute_loss(self.forward_module, batch, self.loss_fn, self.step_fn)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"Expected the loss to be a scalar tensor, but got {shape}.")
+            raise UsageValueError(f"Expected the loss to be a scalar tensor, but got {shape}.")
         self.scaler.scale(loss * weight).backward()
         loss = loss.detach()
-        # The step's loss is summed here, inside the step that the probe measures too, so that the
-        # training loop holds no device tensor during its micro-steps that the probe did not count.
+        # Summed here, inside the region the probe measures, so that the loop holds no device tensor
+        # during its micro-steps that the probe did not count.
         if self._loss is None:
             self._loss = loss.float() * weight
         else:
@@ -184,17 +239,39 @@ class Stepper:
         """The weighted loss of the micro-steps since the last step, as a number (a device sync)."""
         return float(self._loss) if self._loss is not None else 0.0
 
-    def step(self) -> bool:
-        """Unscale, clip, step and update once per effective batch; True unless the step was skipped.
+    def materialise_gradients(self) -> None:
+        """Give every trainable parameter a gradient (zeros where none flowed), so summing them across
+        ranks allocates nothing."""
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
-        A step is skipped when the scaled gradients hold inf or NaN (fp16 only); the scaler then lowers
-        its scale, which is how a skip is detected. The weighted sum of the micro-step losses since the
-        last step is left in :attr:`last_loss`.
+    def optimizer_step(self, loss: float | None = None) -> StepResult:
+        """Unscale, clip, step and update: once per effective batch.
+
+        Args:
+            loss: the step's loss over every rank (default: :meth:`pending_loss`).
+
+        A step is not applied when the GradScaler finds inf/NaN gradients (fp16; the scaler then lowers
+        its scale) or, with ``skip_nonfinite``, when the loss or the clipped gradient norm is NaN or
+        infinite. The gradients are zeroed either way.
         """
+        if loss is None:
+            loss = self.pending_loss()
+        if self.skip_nonfinite and not math.isfinite(loss):
+            self.discard_step()
+            return StepResult(applied=False, nonfinite=True)
         scaler = self.scaler
-        if self.grad_clip is not None:
-            scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        # Each stage runs once per step, also when the step is tried again after an out-of-memory.
+        if not self.unscaled and (scaler.is_enabled() or self.grad_clip is not None):
+            scaler.unscale_(self.optimizer)  # a disabled scaler does nothing
+            self.unscaled = True
+        if self.grad_clip is not None and not self.clipped:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.clipped = True
+            if self.skip_nonfinite and not scaler.is_enabled() and not bool(torch.isfinite(norm)):
+                self.discard_step()
+                return StepResult(applied=False, nonfinite=True)
         if scaler.is_enabled():
             before = scaler.get_scale()
             scaler.step(self.optimizer)
@@ -204,16 +281,18 @@ class Stepper:
             self.optimizer.step()
             applied = True
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_loss, self._loss = self._loss, None
-        return applied
+        self._loss = None
+        self.unscaled = self.clipped = False
+        return StepResult(applied=applied)
 
-    def reset_after_oom(self) -> None:
-        """Forget a step that ran out of memory half-way (gradients and the scaler's per-step stage)."""
+    def discard_step(self) -> None:
+        """Forget the step under way: gradients, its loss and the scaler's per-step stage."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         self._loss = None
+        self.unscaled = self.clipped = False
         # GradScaler has no public reset of its per-optimizer stage ("unscaled", "stepped"); a step
-        # interrupted between unscale_ and update would otherwise make the next unscale_ raise.
+        # dropped between unscale_ and update would otherwise make the next unscale_ raise.
         per_optimizer = getattr(self.scaler, "_per_optimizer_states", None)
         if per_optimizer is not None:
             per_optimizer.clear()

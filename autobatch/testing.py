@@ -19,9 +19,12 @@ from torch.utils.data import Subset
 
 import autobatch
 from autobatch.data import DataSource, as_source
-from autobatch.memory import format_bytes, resolve_memory_limit
-from autobatch.step import resolve_precision
-from autobatch.validate import check_positive_int, default_device, parse_device, resolve_device
+from autobatch.errors import UsageTypeError
+from autobatch.memory import resolve_memory_limit
+from autobatch.options import Options
+from autobatch.session import resolve
+from autobatch.units import format_bytes
+from autobatch.validate import check_positive_int
 
 __all__ = ["DeviceLimit", "assert_fits", "assert_trains"]
 
@@ -66,7 +69,7 @@ def _as_tensor(value: Any, where: str) -> torch.Tensor:
         return value
     if isinstance(value, (bool, int, float)):
         return torch.tensor(value)
-    raise TypeError(f"Expected `{where}` to be a tensor or a number, but got {type(value).__name__}.")
+    raise UsageTypeError(f"Expected `{where}` to be a tensor or a number, but got {type(value).__name__}.")
 
 
 def _repeat(sample: Any, n: int) -> Any:
@@ -78,7 +81,7 @@ def _repeat(sample: Any, n: int) -> Any:
     if isinstance(sample, (tuple, list)) and sample:
         tensors = [_as_tensor(v, f"sample[{i}]") for i, v in enumerate(sample)]
         return tuple(t.unsqueeze(0).expand(n, *t.shape) for t in tensors)  # n views, no copies
-    raise TypeError(
+    raise UsageTypeError(
         "Expected `sample` to be one training sample: a non-empty tuple (inputs..., target) or a dict of "
         f"per-sample tensors, but got {type(sample).__name__}; wrap a lone tensor as (x,) with a step_fn."
     )
@@ -140,7 +143,7 @@ def assert_fits(
     data = _repeat(sample, batch_size)
     limit = resolve_memory_limit(memory_limit)
     if limit is None:
-        raise TypeError(
+        raise UsageTypeError(
             "assert_fits() needs a memory limit: pass memory_limit='4GiB' or mark the test with "
             "@pytest.mark.memory_limit('4GiB')."
         )
@@ -148,8 +151,7 @@ def assert_fits(
     trial = autobatch.try_batch(model, data, batch_size, steps=steps, **options)
     if trial.fitted:
         return trial
-    device = resolve_device(options.get("device"), model)
-    where = DeviceLimit.on(limit, device)._describe(resolve_precision(precision, device))
+    where = _where("try_batch", model, data, options, limit)
     try:
         result = autobatch.probe(model, data, max_batch=batch_size, cache=False, **options)
     except autobatch.NoBatchFitsError:
@@ -168,6 +170,12 @@ def assert_fits(
     if best >= batch_size:
         fits += f" for one step, but not {steps} steps in a row (memory grows from step to step)"
     raise AssertionError(f"batch {batch_size} does not fit in {where}: {peak}; {fits}")
+
+
+def _where(entry: str, model: nn.Module, data: Any, options: dict[str, Any], limit: int) -> str:
+    """The device as the call saw it, for messages: ``'4.00 GiB (emulated on cpu, bf16)'``."""
+    session = resolve(model, data, Options.parse(entry, {**options, "memory_limit": limit}))
+    return DeviceLimit.on(limit, session.device)._describe(session.precision)
 
 
 def _first_samples(data: Any, n: int) -> Any:
@@ -214,7 +222,8 @@ def assert_trains(
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
         >>> X, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
-        >>> assert_trains(model, (X, y), 32, memory_limit="64KiB", device="cpu", precision="fp32").steps
+        >>> result = assert_trains(model, (X, y), 32, memory_limit="64KiB", device="cpu", precision="fp32")
+        >>> result.optimizer_steps
         2
     """
     __tracebackhide__ = True
@@ -223,7 +232,7 @@ def assert_trains(
         check_positive_int(steps, "steps")
     limit = resolve_memory_limit(memory_limit)
     if limit is None:
-        raise TypeError(
+        raise UsageTypeError(
             "assert_trains() needs a memory limit: pass memory_limit='4GiB' or mark the test with "
             "@pytest.mark.memory_limit('4GiB')."
         )
@@ -232,10 +241,7 @@ def assert_trains(
     try:
         result = autobatch.fit(model, subset, target_batch, memory_limit=limit, **options)
     except autobatch.NoBatchFitsError as exc:
-        device = parse_device(options["device"]) if options.get("device") is not None else default_device()
-        where = DeviceLimit.on(limit, device)._describe(
-            resolve_precision(options.get("precision", "auto"), device)
-        )
+        where = _where("fit", model, subset, {**options, "target_batch": target_batch}, limit)
         raise AssertionError(f"nothing fits in {where}: {exc}") from exc
     if result.losses and not math.isfinite(result.losses[-1]):
         first = next(i for i, loss in enumerate(result.losses) if not math.isfinite(loss))

@@ -1,122 +1,142 @@
-"""Argument checks shared by the public entry points; each error names the argument, the expected value
-and the value received."""
+"""Value checks: each takes ``(value, name)``, returns the value (normalised) or raises a usage error.
+
+Every message names the argument, what was expected and what was got, in the manner of torchmetrics:
+"Expected `margin` to be a fraction in [0, 1), but got 1.5." The option objects of :mod:`autobatch.options`
+run these checks once, for every entry point.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from torch import nn
+from autobatch.errors import UsageTypeError, UsageValueError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "check_model_and_optimizer",
+    "check_bool",
+    "check_callable",
+    "check_device",
+    "check_fraction",
+    "check_optional_bool",
+    "check_path",
     "check_positive_int",
-    "default_device",
-    "parse_device",
-    "resolve_device",
+    "check_positive_number",
+    "check_seed",
+    "optional",
 ]
+
+T = TypeVar("T")
+
+SEED_BOUND = 2**63
+"""Seeds are ints in ``[0, 2**63)``: what every generator autobatch seeds (torch, Python, NumPy) takes."""
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def optional(check: Callable[[Any, str], T]) -> Callable[[Any, str], T | None]:
+    """``check``, letting ``None`` through."""
+
+    def check_or_none(value: Any, name: str) -> T | None:
+        return None if value is None else check(value, name)
+
+    check_or_none.__name__ = f"optional_{check.__name__}"
+    return check_or_none
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` if it is an int ≥ 1 (bools are refused), else raise TypeError/ValueError."""
+    """An int ≥ 1 (bools are refused).
+
+    Example:
+        >>> check_positive_int(3, "epochs")
+        3
+    """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"Expected `{name}` to be a positive int, but got {value!r} ({type(value).__name__})."
-        )
+        raise UsageTypeError(f"Expected `{name}` to be a positive int, but got {_got(value)}.")
     if value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int, but got {value}.")
+        raise UsageValueError(f"Expected `{name}` to be a positive int, but got {value}.")
     return value
 
 
-def default_device() -> torch.device:
-    """CUDA when available, then Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def check_positive_number(value: Any, name: str) -> float:
+    """A finite number > 0 (bools and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageTypeError(f"Expected `{name}` to be a positive number, but got {_got(value)}.")
+    if not (math.isfinite(value) and value > 0):
+        raise UsageValueError(f"Expected `{name}` to be a positive, finite number, but got {value!r}.")
+    return float(value)
 
 
-def parse_device(device: Any) -> torch.device:
-    """``device`` as a ``torch.device``; a bare ``"cuda"`` becomes the current CUDA device.
+def check_fraction(value: Any, name: str) -> float:
+    """A number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageTypeError(f"Expected `{name}` to be a fraction in [0, 1), but got {_got(value)}.")
+    if not 0.0 <= value < 1.0:
+        raise UsageValueError(f"Expected `{name}` to be a fraction in [0, 1), but got {value!r}.")
+    return float(value)
 
-    Raises:
-        TypeError: ``device`` is not a str or ``torch.device``.
-        ValueError: it does not name a device.
+
+def check_bool(value: Any, name: str) -> bool:
+    """``True`` or ``False`` only: a truthy string such as ``"false"`` is refused, not taken as ``True``."""
+    if not isinstance(value, bool):
+        raise UsageTypeError(f"Expected `{name}` to be True or False, but got {_got(value)}.")
+    return value
+
+
+def check_optional_bool(value: Any, name: str) -> bool | None:
+    """``True``, ``False`` or ``None`` (automatic)."""
+    if value is not None and not isinstance(value, bool):
+        raise UsageTypeError(f"Expected `{name}` to be True, False or None, but got {_got(value)}.")
+    return value
+
+
+def check_callable(value: Any, name: str) -> Callable[..., Any]:
+    """A function (or any callable that is not a class)."""
+    if isinstance(value, type) or not callable(value):
+        raise UsageTypeError(f"Expected `{name}` to be a function, but got {_got(value)}.")
+    return value
+
+
+def check_seed(value: Any, name: str) -> int:
+    """An int in ``[0, 2**63)``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageTypeError(f"Expected `{name}` to be an int in [0, 2**63), but got {_got(value)}.")
+    if not 0 <= value < SEED_BOUND:
+        raise UsageValueError(f"Expected `{name}` to be an int in [0, 2**63), but got {value}.")
+    return value
+
+
+def check_path(value: Any, name: str) -> str | os.PathLike[str]:
+    """A non-empty str or ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageTypeError(f"Expected `{name}` to be a path (str or os.PathLike), but got {_got(value)}.")
+    if isinstance(value, str) and not value.strip():
+        raise UsageValueError(f"Expected `{name}` to be a directory path, but got {value!r}.")
+    return value
+
+
+def check_device(value: Any, name: str) -> torch.device:
+    """A ``torch.device`` or a string naming one (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+
+    Only the spelling is checked here; whether the device exists is :mod:`autobatch.session`'s business.
+
+    Example:
+        >>> check_device("cpu", "device")
+        device(type='cpu')
     """
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(
-            f"Expected `device` to be a str or torch.device, but got {device!r} ({type(device).__name__})."
-        )
+    import torch  # here, not at the top: the command line parses its flags before torch is loaded
+
+    if not isinstance(value, (str, torch.device)):
+        raise UsageTypeError(f"Expected `{name}` to be a str or torch.device, but got {_got(value)}.")
     try:
-        dev = torch.device(device)
+        return torch.device(value)
     except RuntimeError as exc:
-        raise ValueError(
-            f"Expected `device` to be a device such as 'cuda' or 'cpu', but got {device!r}."
+        raise UsageValueError(
+            f"Expected `{name}` to be a device such as 'cuda', 'cuda:1' or 'cpu', but got {value!r}."
         ) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"`device` is {device!r} but CUDA is not available here; use 'cpu'.")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        return tensor.device
-    return None
-
-
-def resolve_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
-    """The device to probe on: ``device`` if given (the model must already be there), else the model's.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``device`` is not a device.
-        ValueError: ``device`` does not parse, or the model lives elsewhere.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    here = _model_device(model)
-    if device is None:
-        return here if here is not None else torch.device("cpu")
-    dev = parse_device(device)
-    if here is not None and (here.type, here.index or 0) != (dev.type, dev.index or 0):
-        raise ValueError(
-            f"The model lives on {here} but `device` is {dev}: move it first with model.to({str(dev)!r}) "
-            "(before creating its optimizer), or leave `device` unset."
-        )
-    return dev
-
-
-def check_model_and_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> torch.optim.Optimizer:
-    """Check that the model can train and that ``optimizer`` holds its parameters.
-
-    Returns:
-        ``optimizer``, or a new AdamW (lr 1e-3) over the trainable parameters when it is ``None``.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(
-            f"Expected `model` to have trainable parameters, but {type(model).__name__} has none "
-            "(all parameters have requires_grad=False, or it has no parameters)."
-        )
-    if optimizer is None:
-        return torch.optim.AdamW(trainable, lr=1e-3)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"Expected `optimizer` to be a torch.optim.Optimizer, but got {type(optimizer).__name__}."
-        )
-    owned = {id(p) for p in model.parameters()}
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = sum(id(p) not in owned for p in held)
-    if foreign or not any(p.requires_grad for p in held):
-        raise ValueError(
-            "Expected `optimizer` to hold the model's trainable parameters, but "
-            + (f"{foreign} of its {len(held)} parameters are not the model's" if foreign else "it holds none")
-            + ". Create it from this model: torch.optim.AdamW(model.parameters())."
-        )
-    return optimizer

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autobatch import probe
-from autobatch.memory import format_bytes
-from autobatch.probe import try_batch
+from autobatch import probe, try_batch
+from autobatch.units import format_bytes
 from tests.models import case, limit_for
 
 MODELS = ("mlp", "cnn", "transformer")
@@ -68,7 +67,7 @@ def measure(name: str, target: int, optimizer: str, precision: str) -> dict[str,
         "probe": result.micro_batch,
         "ratio": result.micro_batch / exact if exact else None,
         "exact": result.micro_batch == exact and result.first_failure == exact + 1,
-        "steps": result.steps,
+        "steps": result.optimizer_steps,
         "ooms": result.ooms,
         "trials": [t.batch if t.fitted else -t.batch for t in result.trials],
         "probe_seconds": seconds,

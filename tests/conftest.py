@@ -29,7 +29,7 @@ def _frozen_heap() -> Iterator[None]:
     loaded a full collection walks a few hundred thousand objects (0.1-0.2 s). Frozen objects are
     skipped, so collections in the tests only walk what the tests create.
     """
-    from autobatch.probe import try_batch
+    from autobatch import try_batch
 
     model = torch.nn.Linear(4, 2)
     data = (torch.randn(4, 4), torch.randint(0, 2, (4,)))

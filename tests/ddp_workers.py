@@ -12,6 +12,7 @@ model and data in a rank as in the single-process reference that the tests compa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -128,7 +129,7 @@ def summary(result: autobatch.FitResult) -> dict[str, Any]:
         "plan": result.plan.to_dict(),
         "final_plan": result.final_plan.to_dict(),
         "backoffs": list(result.backoffs),
-        "steps": result.steps,
+        "steps": result.optimizer_steps,
         "samples": result.samples,
         "losses": result.losses,
         "report": result.report.to_dict() if result.report is not None else None,
@@ -176,20 +177,179 @@ def fit_indexed(
 
 def fit_oom_on_rank(rank: int, oom_rank: int, oom_call: int, n: int, **options: Any) -> dict[str, Any]:
     """``fit`` while the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory."""
-    original, calls = Stepper.backward, [0]
+    original, calls = Stepper.forward_backward, [0]
 
-    def backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
+    def forward_backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
         calls[0] += 1
         if rank == oom_rank and calls[0] == oom_call:
             raise torch.OutOfMemoryError("injected")
         return original(self, batch, weight)
 
-    Stepper.backward = backward  # type: ignore[method-assign]
+    Stepper.forward_backward = forward_backward  # type: ignore[method-assign]
     try:
         out = fit_tensors(rank, n, **options)
     finally:
-        Stepper.backward = original  # type: ignore[method-assign]
+        Stepper.forward_backward = original  # type: ignore[method-assign]
     return {**out, "backward_calls": calls[0]}
+
+
+class OomOnceSGD(torch.optim.SGD):
+    """The issue's repro: an SGD whose ``step`` raises an out-of-memory once, on one rank, before stepping."""
+
+    def __init__(self, params: Any, oom: bool, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.oom = oom
+
+    def step(self, closure: Any = None) -> Any:
+        if self.oom:
+            self.oom = False
+            raise torch.OutOfMemoryError("injected in optimizer.step")
+        return super().step(closure)
+
+
+def _outcome(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s results, or the error it raised (its type, message and attributes) in their place."""
+    try:
+        return {"error": None, **run()}
+    except Exception as exc:
+        return {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "partial": getattr(exc, "partial", None),
+            "ranks": getattr(exc, "ranks", None),
+        }
+
+
+def fit_optimizer_oom(rank: int, oom_rank: int, kind: str, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` while ``optimizer.step`` runs out of memory once on rank ``oom_rank``.
+
+    ``kind``: ``"subclass"`` (an SGD subclass raising before it steps: autobatch cannot see inside a
+    step defined outside torch), ``"clean"`` (Adam's lazy state initialisation raising: nothing changed)
+    or ``"partial"`` (plain SGD raising after it updated its first parameter).
+    """
+    net = mlp()
+    faulty = rank == oom_rank
+    patches: list[tuple[Any, str, Any]] = []
+    if kind == "subclass":
+        optimizer: torch.optim.Optimizer = OomOnceSGD(net.parameters(), faulty, lr=LR)
+    elif kind == "clean":
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        real_init = torch.optim.Adam._init_group
+        fired = [not faulty]
+
+        def init_group(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not fired[0]:
+                fired[0] = True
+                raise torch.OutOfMemoryError("injected in Adam's state initialisation")
+            return real_init(self, *args, **kwargs)
+
+        patches.append((torch.optim.Adam, "_init_group", init_group))
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR, foreach=False)
+        sgd_module = importlib.import_module("torch.optim.sgd")
+        real_sgd = sgd_module._single_tensor_sgd
+        fired = [not faulty]
+
+        def half_sgd(
+            params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[Any], *a: Any, **k: Any
+        ) -> Any:
+            if fired[0]:
+                return real_sgd(params, grads, bufs, *a, **k)
+            fired[0] = True
+            real_sgd(params[:1], grads[:1], bufs[:1], *a, **k)  # the first parameter is updated...
+            raise torch.OutOfMemoryError("injected half-way through SGD")  # ...then memory runs out
+
+        patches.append((sgd_module, "_single_tensor_sgd", half_sgd))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    eval_data = vectors(37, seed=1)
+    injected = (lambda: not optimizer.oom) if kind == "subclass" else (lambda: fired[0])  # type: ignore[attr-defined]
+    try:
+        out = _outcome(
+            lambda: {
+                **summary(
+                    autobatch.fit(
+                        net, vectors(n), optimizer=optimizer, eval_data=eval_data, **fit_options(**options)
+                    )
+                ),
+                "weights": weights(net),
+            }
+        )
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+    return {**out, "after_weights": weights(net), "injected": faulty and injected()}
+
+
+class FailingIndexed(Indexed):
+    """:class:`Indexed`, whose sample ``bad`` cannot be read."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == self.bad:
+            raise KeyError(f"sample {i} is corrupt")
+        return super().__getitem__(i)
+
+
+def fit_error_on_rank(rank: int, where: str, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` while something other than memory fails on rank 1 only: its forward, data or evaluation."""
+    model = mlp()
+    data: Any = Indexed(n)
+    step_fn = record_ids([])
+    predict_fn = None
+    calls = [0]
+    if where == "forward":
+
+        def failing_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                raise ValueError("the user's forward failed on rank 1")
+            return record_ids([])(model, batch)
+
+        step_fn = failing_step
+    elif where == "data":
+        data = FailingIndexed(n, bad=50)  # rank 1's share of the second step, unshuffled
+    else:
+
+        def predict_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if rank == 1:
+                raise RuntimeError("the user's predict_fn failed on rank 1")
+            return model(batch["x"]).argmax(-1), batch["y"]
+
+        options["eval_data"] = Indexed(20, seed=1)
+    if predict_fn is not None:
+        options["predict_fn"] = predict_fn
+    return _outcome(
+        lambda: summary(
+            autobatch.fit(model, data, optimizer=sgd(model), step_fn=step_fn, **fit_options(**options))
+        )
+    )
+
+
+def fit_batchnorm_sizes(rank: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` the BatchNorm MLP on tensors, recording the size of every micro-batch this rank trained on."""
+    net, sizes = mlp_bn(), []
+
+    def step_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        sizes.append(len(batch[0]))
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    result = autobatch.fit(net, vectors(n), optimizer=sgd(net), step_fn=step_fn, **fit_options(**options))
+    return {**summary(result), "sizes": sizes, "weights": weights(net)}
+
+
+def fit_lengths(rank: int, lengths: list[int], **options: Any) -> dict[str, Any]:
+    """``fit`` with a dataset of another length on each rank."""
+    model = mlp()
+    return _outcome(
+        lambda: summary(
+            autobatch.fit(model, vectors(lengths[rank]), optimizer=sgd(model), **fit_options(**options))
+        )
+    )
 
 
 def fit_error(rank: int, n: int, **options: Any) -> dict[str, Any]:
@@ -224,6 +384,10 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
         fit_tensors,
         fit_indexed,
         fit_oom_on_rank,
+        fit_optimizer_oom,
+        fit_error_on_rank,
+        fit_lengths,
+        fit_batchnorm_sizes,
         fit_error,
         init_group_as_user,
         fit_user_ddp,

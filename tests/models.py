@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from autobatch.probe import try_batch
+from autobatch import try_batch
 
 __all__ = [
     "CNN",

@@ -29,7 +29,8 @@ from autobatch.cache import (
     default_cache_dir,
     fingerprint,
 )
-from autobatch.result import ProbeResult, Trial
+from autobatch.result import ProbeResult
+from autobatch.search import Trial
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +88,7 @@ def made_result(micro: int = 8, n_trials: int = 3) -> ProbeResult:
         fixed_bytes=100.0,
         bytes_per_sample=10.5,
         model_state_bytes=1234,
-        steps=n_trials + 2,
+        optimizer_steps=n_trials + 2,
         ooms=1,
         seconds=0.5,
     )
@@ -493,7 +494,7 @@ def test_probe_reuses_its_cached_result_without_running_a_step(
     def no_steps(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cached probe must not run a training step")
 
-    monkeypatch.setattr("autobatch.session.Session.try_step", no_steps)
+    monkeypatch.setattr("autobatch.prober.Prober.trial", no_steps)
     second = autobatch.probe(mlp(), data, memory_limit="64KiB", precision="fp32", device="cpu")
     assert second.cached is True
     assert replace(second, cached=False) == first
@@ -509,7 +510,7 @@ def test_probe_cache_false_neither_reads_nor_writes(tmp_path: Path) -> None:
         model, data, memory_limit="64KiB", precision="fp32", device="cpu", cache=False, cache_dir=elsewhere
     )
     assert not elsewhere.exists()
-    with pytest.raises(TypeError, match="`cache` to be a bool"):
+    with pytest.raises(TypeError, match="`cache` to be True or False"):
         autobatch.probe(model, data, memory_limit="64KiB", cache="yes")  # type: ignore[arg-type]
 
 

@@ -197,7 +197,7 @@ def test_json_is_one_object_with_the_result(
     assert out["micro_batch"] == out["max_fitting_batch"] == max(t["batch"] for t in trials if t["fitted"])
     assert out["first_failure"] == out["micro_batch"] + 1 and out["capped_by"] is None
     assert out["ooms"] == sum(not t["fitted"] for t in trials) >= 1
-    assert out["steps"] >= len(trials)
+    assert out["optimizer_steps"] >= len(trials)
     assert set(out["memory_model"]) == {"fixed_bytes", "bytes_per_sample"}
     assert out["memory_model"]["bytes_per_sample"] > 0
     assert out["plan"]["micro_batch"] == out["micro_batch"] and out["plan"]["effective_batch"] == 32
@@ -215,7 +215,8 @@ def test_json_plan_accumulates_across_ranks(
     assert code == EXIT_OK and out["micro_batch"] == 11 and out["capped_by"] == "max_batch"
     plan = out["plan"]
     assert plan["world_size"] == 2 and plan["effective_batch"] == 64 and plan["accumulation_steps"] == 3
-    assert sum(plan["chunks"]) * 2 == 64 and max(plan["chunks"]) <= 11
+    chunks = [size for size, count in plan["chunk_sizes"] for _ in range(count)]
+    assert sum(chunks) * 2 == 64 and max(chunks) <= 11
 
 
 def test_json_without_target_has_no_plan(

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from autobatch import data as data_module
-from autobatch.data import DataSource, as_source, batch_size_of, default_size, slice_batch
+from autobatch._tree import batch_size_of, slice_batch
+from autobatch.data import DataSource, as_source, default_size
 from tests.models import SequenceDataset, pad_collate
 
 X = torch.arange(40, dtype=torch.float32).reshape(10, 4)
@@ -85,8 +86,8 @@ def test_dataloader_keeps_worker_settings() -> None:
     assert source.loader_kwargs["prefetch_factor"] == 3
     assert source.loader_kwargs["worker_init_fn"] is init
     steps = [[0, 1, 2], [7], [9, 8]]
-    batches = list(source.loader(steps))
-    assert [b[0].tolist() for b in batches] == [X[s].tolist() for s in steps]
+    batches = list(source.loader(steps))  # read in the workers, collated here
+    assert [b.collate(0, len(b))[0].tolist() for b in batches] == [X[s].tolist() for s in steps]
 
 
 def test_dataloader_of_a_tensor_dataset_is_uniform() -> None:
@@ -97,7 +98,7 @@ def test_dataloader_of_a_tensor_dataset_is_uniform() -> None:
 def test_loader_without_workers_collates_in_process() -> None:
     source = as_source(Pairs())
     batches = list(source.loader([[4, 5], [6]]))
-    assert [b[1].tolist() for b in batches] == [[4, 5], [6]]
+    assert [b.collate(0, len(b))[1].tolist() for b in batches] == [[4, 5], [6]]
 
 
 def test_length_mismatch() -> None:
@@ -230,7 +231,7 @@ def test_check_labelled() -> None:
     with pytest.raises(ValueError, match=r"`data` samples to be .* but got a tuple without labels"):
         as_source((X,)).check_labelled()
     with pytest.raises(ValueError, match=r"`train` samples.*Tensor.*step_fn"):
-        DataSource(list(X)).check_labelled("train")
+        DataSource(list(X), name="train").check_labelled()
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -245,3 +246,70 @@ def test_distributed_sampler_gives_the_global_order_it_shards(shuffle: bool) -> 
         assert sorted(order) == list(range(10))  # every sample once: no padding, no rank's shard only
         sampler.set_epoch(epoch)
         assert list(sampler) == order[1::2]  # what the sampler hands rank 1, before its padding
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (X.numpy(), Y.numpy()),
+        (X.tolist(), Y.tolist()),
+        (X, Y.numpy()),
+        [X.numpy(), Y.numpy()],
+    ],
+    ids=["numpy", "lists", "tensor-and-numpy", "list-of-numpy"],
+)
+def test_arrays_in_place_of_tensors_are_refused_with_the_fix(data: object) -> None:
+    with pytest.raises(TypeError, match=r"Expected `data` as tensors \(X, y\).*torch.as_tensor\(X\)"):
+        as_source(data)
+
+
+def test_a_list_of_array_samples_is_still_a_dataset() -> None:
+    samples = [np.array([float(i), 1.0]) for i in range(10)]
+    assert len(as_source(samples)) == 10
+
+
+class _Buckets(torch.utils.data.Sampler[list[int]]):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from ([0, 1], [2, 3])
+
+    def __len__(self) -> int:
+        return 2
+
+
+def test_a_custom_batch_sampler_is_refused_not_dropped() -> None:
+    with pytest.raises(ValueError, match=r"batch_sampler is a _Buckets, which chooses the batches itself"):
+        as_source(DataLoader(Pairs(), batch_sampler=_Buckets()))
+
+
+def test_a_loader_without_batching_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=None.*ready-made batches"):
+        as_source(DataLoader(Pairs(), batch_size=None))
+
+
+def test_a_default_batch_sampler_is_fine() -> None:
+    assert len(as_source(DataLoader(Pairs(), batch_size=4, drop_last=True))) == 10
+
+
+# --- per-micro-batch collation ----------------------------------------------------------------------
+
+
+def test_each_micro_batch_is_collated_and_padded_on_its_own() -> None:
+    dataset = SequenceDataset(20, min_len=4, max_len=40, seed=3)
+    source = as_source(DataLoader(dataset, collate_fn=pad_collate))
+    step = source.fetch(list(range(8)))
+    lengths = [len(dataset.samples[i]) for i in range(8)]
+    for start, stop in [(0, 3), (3, 6), (6, 8)]:
+        tokens, labels = step.collate(start, stop)
+        assert tokens.shape == (stop - start, max(lengths[start:stop]))  # not padded to the step's longest
+        assert torch.equal(labels, dataset.labels[start:stop])
+
+
+def test_largest_label() -> None:
+    assert as_source((X, Y)).largest_label() == 9
+    assert as_source(Pairs()).largest_label() == 9
+    assert as_source((X, X)).largest_label() is None  # float targets: not classes
+    tokens = torch.tensor([[1, 5, -100], [2, -100, -100]])
+    assert as_source((tokens, tokens)).largest_label() == 5

@@ -10,7 +10,7 @@ import torch
 
 from autobatch.cli import main
 from autobatch.demo import DEMO_MEMORY_LIMIT, DigitsCNN, load_digits_data
-from autobatch.memory import parse_memory_limit
+from autobatch.units import parse_memory_limit
 
 torch.set_num_threads(1)
 

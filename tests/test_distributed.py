@@ -70,6 +70,36 @@ def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
             {"oom_rank": 1, "oom_call": 4, "n": 96, "target_batch": 32, "micro_batch": 8, "shuffle": False},
         ),
         "indivisible": ("fit_error", {"n": N, "target_batch": 33, "micro_batch": 6}),
+        # optimizer.step runs out of memory once on rank 1 (3 epochs, with evaluation: the issue's repro).
+        "optimizer_oom_subclass": (
+            "fit_optimizer_oom",
+            {"oom_rank": 1, "kind": "subclass", "n": 96, "target_batch": 32, "micro_batch": 8, "epochs": 3},
+        ),
+        "optimizer_oom_clean": (
+            "fit_optimizer_oom",
+            {"oom_rank": 1, "kind": "clean", "n": 96, "target_batch": 32, "micro_batch": 8, "epochs": 3},
+        ),
+        "optimizer_oom_partial": (
+            "fit_optimizer_oom",
+            {"oom_rank": 1, "kind": "partial", "n": 96, "target_batch": 32, "micro_batch": 8, "epochs": 3},
+        ),
+        # Something other than memory fails on rank 1 only.
+        "error_forward": (
+            "fit_error_on_rank",
+            {"where": "forward", "n": 96, "target_batch": 32, "micro_batch": 8},
+        ),
+        "error_data": (
+            "fit_error_on_rank",
+            {"where": "data", "n": 96, "target_batch": 32, "micro_batch": 8, "shuffle": False},
+        ),
+        "error_eval": ("fit_error_on_rank", {"where": "eval", "n": 64, "target_batch": 32, "micro_batch": 8}),
+        "lengths": ("fit_lengths", {"lengths": [96, 97], "target_batch": 32, "micro_batch": 8}),
+        # BatchNorm: a last step of 3 samples (35 = 32 + 3) at micro-batch 2, and a lone last sample (65).
+        "bn_three": (
+            "fit_batchnorm_sizes",
+            {"n": 35, "target_batch": 32, "micro_batch": 2, "shuffle": False},
+        ),
+        "bn_lone": ("fit_batchnorm_sizes", {"n": 65, "target_batch": 32, "micro_batch": 6, "shuffle": False}),
         "user_init": ("init_group_as_user", {"port": user_port}),
         "user_ddp": (
             "fit_user_ddp",
@@ -94,10 +124,13 @@ def results(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [rank["results"][name] for rank in ranks]
 
 
-def reference(data: Any, **options: Any) -> tuple[autobatch.FitResult, dict[str, torch.Tensor]]:
+def reference(
+    data: Any, model: Any = None, optimizer: Any = None, **options: Any
+) -> tuple[autobatch.FitResult, dict[str, torch.Tensor]]:
     """Single-process ``fit`` of the same model, from the same initial weights."""
-    model = w.mlp()
-    result = autobatch.fit(model, data, optimizer=w.sgd(model), **w.fit_options(**options))
+    model = model if model is not None else w.mlp()
+    optimizer = optimizer if optimizer is not None else w.sgd(model)
+    result = autobatch.fit(model, data, optimizer=optimizer, **w.fit_options(**options))
     return result, w.weights(model)
 
 
@@ -130,7 +163,7 @@ def test_probe_cache_is_not_reused_when_another_ranks_limit_shrank(ranks: list[d
 def test_weights_equal_single_process_training(ranks: list[dict[str, Any]]) -> None:
     single, expected = reference(w.vectors(N), target_batch=32, micro_batch=6, shuffle=False)
     for rank in results(ranks, "ordered"):
-        assert rank["plan"]["chunks"] == [6, 5, 5]
+        assert rank["plan"]["chunk_sizes"] == [[6, 1], [5, 2]]
         assert (rank["steps"], rank["samples"], rank["backoffs"]) == (4, N, [])
         assert_same_weights(rank["weights"], expected)
         # Each step's loss is the loss over both ranks' samples, the same on every rank.
@@ -212,13 +245,87 @@ def test_oom_on_one_rank_backs_off_every_rank(ranks: list[dict[str, Any]]) -> No
     _, expected = reference(w.vectors(96), target_batch=32, micro_batch=8, shuffle=False)
     for rank in (first, second):
         assert rank["backoffs"] == [Backoff(epoch=0, step=1, from_micro=8, to_micro=4)]
-        assert rank["final_plan"]["chunks"] == [4, 4, 4, 4]
+        assert rank["final_plan"]["chunk_sizes"] == [[4, 4]]
         assert (rank["steps"], rank["samples"]) == (3, 96)
         # 2 micro-steps in step 1, 2 in the failed try of step 2, then 4 + 4 at micro-batch 4.
         assert rank["backward_calls"] == 12
         assert_same_weights(rank["weights"], expected)
     assert first["final_plan"] == second["final_plan"]
     assert first["losses"] == second["losses"]
+
+
+def test_optimizer_oom_in_a_step_autobatch_cannot_see_into_stops_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert [r["injected"] for r in results(ranks, "optimizer_oom_subclass")] == [False, True]
+    for rank in results(ranks, "optimizer_oom_subclass"):
+        assert rank["error"] == "OptimizerStepError" and rank["partial"] is True, rank
+        assert "Out of memory inside optimizer.step() of step 1 on rank(s) [1]" in rank["message"]
+        assert "can be neither undone nor repeated" in rank["message"]
+
+
+def test_optimizer_oom_before_anything_changed_is_tried_again_on_that_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    first, second = results(ranks, "optimizer_oom_clean")
+    assert (first["injected"], second["injected"]) == (False, True)
+    assert first["error"] is None and second["error"] is None
+    assert first["backoffs"] == second["backoffs"] == []
+    assert (first["steps"], first["samples"]) == (9, 3 * 96)
+    model = w.mlp()
+    _, expected = reference(
+        w.vectors(96), optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), model=model, target_batch=32,
+        micro_batch=8, epochs=3, eval_data=w.vectors(37, seed=1),
+    )  # fmt: skip
+    for rank in (first, second):
+        assert_same_weights(rank["weights"], expected)  # the retried update is the update, once
+    assert first["losses"] == second["losses"]
+
+
+def test_optimizer_oom_after_a_partial_update_stops_every_rank(ranks: list[dict[str, Any]]) -> None:
+    first, second = results(ranks, "optimizer_oom_partial")
+    assert (first["injected"], second["injected"]) == (False, True)
+    for rank in (first, second):
+        assert rank["error"] == "OptimizerStepError" and rank["partial"] is True
+        assert "step 1 on rank(s) [1]" in rank["message"]
+    # Never applied twice: rank 1's first parameter moved once, the others not at all; rank 0 stepped once.
+    model = w.mlp()
+    before = w.weights(model)
+    assert not torch.equal(second["after_weights"]["0.weight"], before["0.weight"])
+    assert torch.equal(second["after_weights"]["2.weight"], before["2.weight"])
+
+
+@pytest.mark.parametrize(
+    ("name", "own_error"),
+    [("error_forward", "ValueError"), ("error_data", "KeyError"), ("error_eval", "RuntimeError")],
+)
+def test_an_error_on_one_rank_stops_every_rank(
+    ranks: list[dict[str, Any]], name: str, own_error: str
+) -> None:
+    first, second = results(ranks, name)
+    assert second["error"] == own_error  # the failing rank raises its own error
+    assert first["error"] == "PeerError" and first["ranks"] == [1]  # the other one says which rank failed
+    assert own_error in first["message"]
+
+
+def test_ranks_with_datasets_of_different_lengths_are_refused_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for rank in results(ranks, "lengths"):
+        assert rank["error"] == "UsageValueError"
+        assert "same dataset length (`data`), but got rank 0: 96, rank 1: 97" in rank["message"]
+
+
+def test_batchnorm_ranks_never_train_on_one_sample(ranks: list[dict[str, Any]]) -> None:
+    first, second = results(ranks, "bn_three")
+    # Step 1: 16 a rank at micro 2. Step 2: 3 samples, all on rank 0 as one chunk (2 + 1 would crash).
+    assert first["sizes"] == [2] * 8 + [3] and second["sizes"] == [2] * 8
+    first, second = results(ranks, "bn_lone")
+    # 65 = 32 + 33: the lone last sample joins step 2, shared 17 + 16 (6+6+5 and 6+5+5).
+    assert first["sizes"] == [6, 5, 5, 6, 6, 5] and second["sizes"] == [6, 5, 5, 6, 5, 5]
+    assert first["samples"] == second["samples"] == 65
+    for name in first["weights"]:
+        assert torch.equal(first["weights"][name], second["weights"][name]), name
 
 
 def test_backoff_warning_shows_the_plan_of_every_rank(ranks: list[dict[str, Any]]) -> None:
@@ -229,7 +336,7 @@ def test_backoff_warning_shows_the_plan_of_every_rank(ranks: list[dict[str, Any]
 # -- arguments, evaluation, logs -------------------------------------------------------------------
 def test_indivisible_target_names_the_nearest_valid_targets(ranks: list[dict[str, Any]]) -> None:
     for rank in results(ranks, "indivisible"):
-        assert rank["error"] == "ValueError"
+        assert rank["error"] == "UsageValueError"
         assert "32 or 34" in rank["message"]
 
 

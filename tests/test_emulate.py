@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autobatch.emulate import BLOCK_BYTES, EmulatedDevice, format_bytes
+from autobatch.emulate import BLOCK_BYTES, EmulatedDevice
+from autobatch.units import format_bytes
 
 MiB = 1 << 20
 

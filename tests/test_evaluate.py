@@ -14,8 +14,9 @@ from torch import nn
 
 from autobatch.data import as_source
 from autobatch.errors import NoBatchFitsError
-from autobatch.evaluate import EvalReport, evaluate, predict, score
+from autobatch.evaluate import evaluate, predict, score
 from autobatch.memory import DeviceMemory
+from autobatch.result import EvalReport
 
 torch.set_num_threads(1)
 

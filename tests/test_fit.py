@@ -86,7 +86,7 @@ class Recorder:
 
     Sample ids are held as pending until the optimizer steps. An out-of-memory failure (injected on
     chosen calls, or raised by the emulated device) forgets them when the loop reports it through
-    ``Stepper.reset_after_oom`` (patched by the ``recorder`` fixture), since the step is redone from its
+    ``Stepper.discard_step`` (patched by the ``recorder`` fixture), since the step is redone from its
     first sample.
     """
 
@@ -126,13 +126,13 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    real_reset = Stepper.reset_after_oom
+    real_reset = Stepper.discard_step
 
-    def reset_after_oom(self: Stepper) -> None:
+    def discard_step(self: Stepper) -> None:
         rec.failed()
         real_reset(self)
 
-    monkeypatch.setattr(Stepper, "reset_after_oom", reset_after_oom)
+    monkeypatch.setattr(Stepper, "discard_step", discard_step)
     return rec
 
 
@@ -175,7 +175,7 @@ def test_fit_accumulates_to_the_target_batch(
     assert result.plan.effective_batch == TARGET == sum(result.plan.chunks)
     assert result.epochs == 2
     assert result.samples == 2 * samples
-    assert result.steps == 2 * steps == len(result.losses)
+    assert result.optimizer_steps == 2 * steps == len(result.losses)
     assert all(math.isfinite(v) for v in result.losses)
     # Uniform data under the probed limit: the training step is exactly what the probe measured.
     assert result.backoffs == [] and result.regrowths == []
@@ -290,7 +290,7 @@ def test_dataloader_keeps_its_collate_fn_and_sampler(recorder: Recorder, loader_
         seed=0,
     )
     orders = assert_each_sample_once_per_epoch(recorder, n, 2)
-    assert result.samples == 2 * n and result.steps == 2 * 3
+    assert result.samples == 2 * n and result.optimizer_steps == 2 * 3
     if loader_shuffle:
         assert orders[0] != list(range(n)) and orders[0] != orders[1]
     else:
@@ -336,7 +336,10 @@ def test_oom_mid_training_loses_and_repeats_nothing(recorder: Recorder, seed: in
     assert len(result.backoffs) == 3
     assert all(b.from_micro > b.to_micro >= 1 for b in result.backoffs)
     assert result.final_plan.micro_batch == 1
-    assert result.steps == reference.steps == 6 and result.samples == reference.samples == 192
+    assert (
+        result.optimizer_steps == reference.optimizer_steps == 6
+        and result.samples == reference.samples == 192
+    )
     # No partial gradient was applied: the weights are those of a run that never ran out of memory.
     assert_same_weights(faulted, clean)
     torch.testing.assert_close(result.losses, reference.losses, rtol=1e-5, atol=1e-6)
@@ -379,7 +382,7 @@ def test_oom_on_large_batches_backs_off_regrows_and_matches_a_clean_run() -> Non
     ]
     assert [(r.from_micro, r.to_micro) for r in result.regrowths] == [(2, 4), (4, 8), (2, 4), (4, 8)]
     assert result.final_plan == result.plan and result.final_plan.micro_batch == 8
-    assert result.samples == 320 and result.steps == 10
+    assert result.samples == 320 and result.optimizer_steps == 10
     assert_same_weights(faulted, clean)
 
 
@@ -505,7 +508,7 @@ def test_oom_on_the_emulated_device_for_long_sequences(recorder: Recorder) -> No
     assert result.backoffs, "the long sequences ran out of memory on the emulated device"
     assert all(b.from_micro > b.to_micro for b in result.backoffs)
     assert {b.step for b in result.backoffs} == {0, 2}  # the steps holding samples 5 and 70
-    assert result.samples == n and result.steps == 3
+    assert result.samples == n and result.optimizer_steps == 3
     assert_each_sample_once_per_epoch(recorder, n, 1)
 
 
@@ -519,7 +522,7 @@ def test_scheduler_instance_steps_once_per_optimizer_step() -> None:
     result = train(
         model, make_data(100), epochs=2, optimizer=optimizer, scheduler=scheduler, memory_limit=limit_for(10)
     )
-    assert result.steps == 8
+    assert result.optimizer_steps == 8
     assert scheduler.last_epoch == 8
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**8)
 
@@ -560,9 +563,9 @@ def test_scheduler_is_not_stepped_on_skipped_steps(as_factory: bool) -> None:
             shuffle=False,
         )
     assert len(made) == 1 and made[0].optimizer is optimizer
-    assert result.steps == 6
+    assert result.optimizer_steps == 6
     assert result.skipped_steps == 2  # step 2 of each epoch holds sample 70
-    assert made[0].last_epoch == result.steps - result.skipped_steps == 4
+    assert made[0].last_epoch == result.optimizer_steps - result.skipped_steps == 4
     assert math.isinf(result.losses[2]) and math.isinf(result.losses[5])
 
 
@@ -730,7 +733,7 @@ def test_dict_batches_train_and_evaluate() -> None:
         memory_limit="1MiB",
         seed=0,
     )
-    assert result.samples == 200 and result.steps == 8
+    assert result.samples == 200 and result.optimizer_steps == 8
     assert result.losses[-1] < result.losses[0]
     assert result.report is not None
     assert result.report.report == own_report(model.net, eval_data.X, eval_data.y)
@@ -750,7 +753,7 @@ def test_step_fn_trains_unlabelled_data() -> None:
     result = train(autoencoder, (X,), epochs=3, step_fn=step_fn, micro_batch=16)
     assert seen == [16] * 12
     assert result.losses[-1] < result.losses[0]
-    assert result.steps == 6
+    assert result.optimizer_steps == 6
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -797,6 +800,7 @@ BAD_INPUT: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("regrow_after=0", {"regrow_after": 0}, ValueError, "`regrow_after`"),
     ("device unknown", {"device": "gpu0"}, ValueError, "`device`"),
     ("device int", {"device": 3.5}, TypeError, "`device`"),
+    ("device meta", {"device": "meta"}, ValueError, "`device`.*meta"),
 ]
 
 
@@ -809,6 +813,9 @@ def test_bad_input_is_refused_and_the_model_is_untouched(
     model = mlp()
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    moves: list[Any] = []
+    real_apply = model._apply
+    model._apply = lambda fn, *args, **kwargs: moves.append(fn) or real_apply(fn, *args, **kwargs)  # type: ignore[method-assign]
     arguments: dict[str, Any] = {
         "model": model,
         "data": make_data(64),
@@ -816,14 +823,16 @@ def test_bad_input_is_refused_and_the_model_is_untouched(
         "precision": "fp32",
         "micro_batch": 8,
         "progress": False,
-        # Were the model moved before a check, it would land on the meta device and lose its values.
-        "device": "meta",
+        "device": "cpu",
         **options,
     }
     if arguments.get("optimizer") == "other":
         arguments["optimizer"] = sgd(mlp())
+    rng = torch.get_rng_state()
     with pytest.raises(error, match=match):
         fit(**arguments)
+    assert not moves, "the model was moved before the arguments were checked"
+    assert torch.equal(torch.get_rng_state(), rng)
     assert not model.training
     assert all(p.device.type == "cpu" and p.grad is None and p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -863,7 +872,7 @@ def test_fit_result_serialises_and_renders() -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert data["plan"]["effective_batch"] == TARGET
     assert data["probe"]["micro_batch"] == result.plan.micro_batch
-    assert data["steps"] == 8 and data["samples"] == 200 and len(data["losses"]) == 8
+    assert data["optimizer_steps"] == 8 and data["samples"] == 200 and len(data["losses"]) == 8
     assert len(data["evals"]) == 2 and "north" in data["evals"][-1]["report"]
     assert result.samples_per_second > 0 and result.seconds >= result.train_seconds > 0
 

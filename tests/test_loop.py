@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autobatch.data import as_source
 from autobatch.errors import NoBatchFitsError
-from autobatch.loop import TrainLoop, warn_batchnorm
-from autobatch.memory import DeviceMemory
-from autobatch.plan import plan
+from autobatch.loop import TrainLoop, epoch_steps, warn_batchnorm
+from autobatch.options import Options
+from autobatch.planner import plan
 from autobatch.result import Backoff
+from autobatch.session import Session, resolve
 from autobatch.step import Stepper
 
 torch.set_num_threads(1)
@@ -102,9 +102,18 @@ def max_relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) ->
     return max(float((a - b).norm() / b.norm()) for a, b in zip(got, expected, strict=True))
 
 
+def session_for(model: nn.Module, data: Any, **options: Any) -> Session:
+    """A started fit session on the CPU in fp32 (the model stays where it is)."""
+    options = {"device": "cpu", "precision": "fp32", "progress": False, **options}
+    session = resolve(model, data, Options.parse("fit", options))
+    with session.start():
+        pass
+    return session
+
+
 def make_loop(
     model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
+    data: tuple[torch.Tensor, ...],
     captured: list[list[torch.Tensor]],
     *,
     micro: int,
@@ -112,17 +121,27 @@ def make_loop(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     num_items: Callable[[Any], Any] | None = None,
     regrow_after: int = 50,
+    stepper: type[Stepper] = Stepper,
+    **stepper_options: Any,
 ) -> TrainLoop:
-    stepper = Stepper(model, capturing_sgd(model, captured), DeviceMemory(CPU, None), "fp32", loss_fn=loss_fn)
-    return TrainLoop(
-        stepper,
-        as_source(data),
+    optimizer = capturing_sgd(model, captured)
+    session = session_for(
+        model,
+        data,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        num_items=num_items,
         target_batch=target,
         micro_batch=micro,
-        num_items=num_items,
         regrow_after=regrow_after,
-        progress=False,
     )
+    step = stepper(model, optimizer, session.memory, "fp32", loss_fn=loss_fn, **stepper_options)
+    return TrainLoop(session, step, micro)
+
+
+def first_step(loop: TrainLoop, n: int = 32) -> float:
+    """Run the loop's optimizer step on the first ``n`` samples of its data."""
+    return loop.optimizer_step(loop.session.source.fetch(list(range(n))), n)
 
 
 # -- exact gradients --------------------------------------------------------------------------------
@@ -142,13 +161,12 @@ def test_accumulated_gradient_equals_full_batch_gradient(micro: int, chunks: tup
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=micro)
 
-    loss, applied = loop._accumulate(host, micro)
+    loss = first_step(loop)
 
-    assert applied
-    assert len(captured) == 1
+    assert len(captured) == 1 and loop.skipped_steps == 0
     assert max_relative_error(captured[0], expected) < 1e-6
-    full_loss = F.cross_entropy(model(host[0]), host[1])
-    torch.testing.assert_close(loss, full_loss.detach(), rtol=1e-6, atol=0)
+    full_loss = F.cross_entropy(model(host[0]), host[1]).detach()
+    assert loss == pytest.approx(float(full_loss), rel=1e-6)
     assert all(p.grad is None for p in model.parameters()), "gradients are zeroed after the step"
 
 
@@ -162,7 +180,7 @@ def test_naive_weighting_would_not_match_for_uneven_chunks(monkeypatch: pytest.M
     loop = make_loop(model, data, captured, micro=12)
     monkeypatch.setattr(loop, "_weights", lambda parts, samples, items: [1 / len(parts)] * len(parts))
 
-    loop._accumulate(host, 12)
+    first_step(loop)
 
     assert max_relative_error(captured[0], expected) > 1e-4
 
@@ -177,10 +195,10 @@ def test_token_level_loss_is_exact_with_num_items(micro: int) -> None:
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=micro, loss_fn=token_loss, num_items=count_tokens)
 
-    loss, _ = loop._accumulate(host, micro)
+    loss = first_step(loop)
 
     assert max_relative_error(captured[0], expected) < 1e-6
-    torch.testing.assert_close(loss, token_loss(model(host[0]), host[1]).detach(), rtol=1e-6, atol=0)
+    assert loss == pytest.approx(float(token_loss(model(host[0]), host[1]).detach()), rel=1e-6)
 
 
 def test_token_level_loss_weighted_by_samples_is_not_exact() -> None:
@@ -193,7 +211,7 @@ def test_token_level_loss_weighted_by_samples_is_not_exact() -> None:
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=12, loss_fn=token_loss)
 
-    loop._accumulate(host, 12)
+    first_step(loop)
 
     assert max_relative_error(captured[0], expected) > 1e-4
 
@@ -206,35 +224,34 @@ def test_num_items_counting_nothing_is_an_error() -> None:
         model, (tokens, labels), [], micro=2, target=4, loss_fn=token_loss, num_items=count_tokens
     )
     with pytest.raises(ValueError, match="num_items"):
-        loop._accumulate((tokens, labels), 2)
+        first_step(loop, 4)
 
 
 # -- out of memory inside a step --------------------------------------------------------------------
 
 
 class FailingStepper(Stepper):
-    """Raises torch.OutOfMemoryError on chosen backward calls (1-based), after running the forward."""
+    """Raises torch.OutOfMemoryError on chosen micro-steps (1-based), after running forward and backward."""
 
     def __init__(self, *args: Any, fail_on: set[int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fail_on = fail_on
         self.calls = 0
 
-    def backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
+    def forward_backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
         self.calls += 1
-        loss = super().backward(batch, weight)  # gradients of this micro-step are already accumulated
+        loss = super().forward_backward(batch, weight)  # this micro-step's gradients are accumulated
         if self.calls in self.fail_on:
             raise torch.OutOfMemoryError(f"injected at call {self.calls}")
         return loss
 
 
 def failing_loop(
-    model: nn.Module, captured: list[list[torch.Tensor]], fail_on: set[int], **kwargs: Any
+    model: nn.Module, captured: list[list[torch.Tensor]], fail_on: set[int], micro: int, **kwargs: Any
 ) -> TrainLoop:
-    stepper = FailingStepper(
-        model, capturing_sgd(model, captured), DeviceMemory(CPU, None), "fp32", fail_on=fail_on
+    return make_loop(
+        model, classification_data(), captured, micro=micro, stepper=FailingStepper, fail_on=fail_on, **kwargs
     )
-    return TrainLoop(stepper, as_source(classification_data()), target_batch=32, progress=False, **kwargs)
 
 
 def test_oom_mid_step_redoes_the_step_without_partial_gradients() -> None:
@@ -244,9 +261,9 @@ def test_oom_mid_step_redoes_the_step_without_partial_gradients() -> None:
     captured: list[list[torch.Tensor]] = []
     # Call 2 is the second micro-step of the first attempt (11+11+10): its gradients and the first
     # micro-step's are already accumulated when the OOM is raised.
-    loop = failing_loop(model, captured, {2}, micro_batch=12)
+    loop = failing_loop(model, captured, {2}, micro=12)
 
-    loop.optimizer_step(host)
+    first_step(loop)
 
     assert len(captured) == 1, "the optimizer stepped once, after the redo"
     assert max_relative_error(captured[0], expected) < 1e-6
@@ -258,23 +275,22 @@ def test_oom_mid_step_redoes_the_step_without_partial_gradients() -> None:
 def test_micro_batch_regrows_after_clean_steps() -> None:
     model = mlp()
     captured: list[list[torch.Tensor]] = []
-    loop = failing_loop(model, captured, {1}, micro_batch=12, regrow_after=2)
-    host = tuple(t[:32] for t in classification_data())
+    loop = failing_loop(model, captured, {1}, micro=12, regrow_after=2)
 
-    loop.optimizer_step(host)  # backs off 12 → 6; the redone step is the first clean one
+    first_step(loop)  # backs off 12 → 6; the redone step is the first clean one
     assert loop.micro == 6 and not loop.regrowths
-    loop.optimizer_step(host)
+    first_step(loop)
     assert loop.micro == 12
     assert loop.regrowths == [Backoff(epoch=0, step=2, from_micro=6, to_micro=12)]
-    loop.optimizer_step(host)
+    first_step(loop)
     assert loop.micro == 12 and len(loop.regrowths) == 1
 
 
 def test_oom_at_a_batch_of_one_raises_no_batch_fits() -> None:
     model = mlp()
-    loop = failing_loop(model, [], set(range(1, 100)), micro_batch=4)
-    with pytest.raises(NoBatchFitsError, match="batch of 1"):
-        loop.optimizer_step(tuple(t[:32] for t in classification_data()))
+    loop = failing_loop(model, [], set(range(1, 100)), micro=4)
+    with pytest.raises(NoBatchFitsError, match="micro-batch of 1 sample"):
+        first_step(loop)
     assert [(b.from_micro, b.to_micro) for b in loop.backoffs] == [(4, 2), (2, 1)]
     assert all(p.grad is None for p in model.parameters())
 
@@ -282,20 +298,19 @@ def test_oom_at_a_batch_of_one_raises_no_batch_fits() -> None:
 def test_batchnorm_model_never_backs_off_below_two() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, CLASSES))
-    loop = failing_loop(model, [], set(range(1, 100)), micro_batch=8)
+    loop = failing_loop(model, [], set(range(1, 100)), micro=8)
     # BatchNorm cannot train on one sample: a batch of 1 would raise its ValueError, not fit.
-    with pytest.raises(NoBatchFitsError, match="batch of 2 samples"):
-        loop.optimizer_step(tuple(t[:32] for t in classification_data()))
+    with pytest.raises(NoBatchFitsError, match="micro-batch of 2 samples"):
+        first_step(loop)
     assert [(b.from_micro, b.to_micro) for b in loop.backoffs] == [(8, 4), (4, 2)]
 
 
 def test_non_oom_errors_propagate_unchanged() -> None:
     model = mlp()
-    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceMemory(CPU, None), "fp32")
-    loop = TrainLoop(stepper, as_source(classification_data()), target_batch=32, micro_batch=8)
     bad = (torch.randn(32, 7), torch.zeros(32, dtype=torch.long))  # wrong feature count
+    loop = make_loop(model, bad, [], micro=8)
     with pytest.raises(RuntimeError, match="shapes"):
-        loop.optimizer_step(bad)
+        first_step(loop)
     assert not loop.backoffs and loop.steps == 0
 
 
@@ -316,16 +331,50 @@ def test_run_epoch_visits_every_index_once(drop_last: bool, steps: int) -> None:
         return F.cross_entropy(model(x), target)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stepper = Stepper(model, optimizer, DeviceMemory(CPU, None), "fp32", step_fn=step_fn)
-    loop = TrainLoop(stepper, as_source((X, y, ids)), target_batch=32, micro_batch=12, progress=False)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+    session = session_for(
+        model, (X, y, ids), optimizer=optimizer, step_fn=step_fn, micro_batch=12, drop_last=drop_last, seed=1
+    )
+    loop = TrainLoop(session, Stepper(model, optimizer, session.memory, "fp32", step_fn=step_fn), 12)
+    order = session.source.epoch_order(None, torch.Generator().manual_seed(1), 0)
 
-    losses = loop.run_epoch(0, 1, order, drop_last=drop_last)
+    losses = loop.run_epoch(0, 1)
 
     assert len(losses) == steps and all(isinstance(v, float) for v in losses)
     expected = order[: 64 if drop_last else n]
     assert seen == expected
     assert loop.steps == steps and loop.samples == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("n", "floor", "drop_last", "sizes"),
+    [(65, 2, False, [32, 33]), (65, 1, False, [32, 32, 1]), (65, 2, True, [32, 32]), (1, 2, False, [1]),
+     (64, 2, False, [32, 32]), (33, 2, False, [33])],
+)  # fmt: skip
+def test_a_lone_last_sample_of_a_batchnorm_model_joins_the_step_before(
+    n: int, floor: int, drop_last: bool, sizes: list[int]
+) -> None:
+    steps = epoch_steps(list(range(n)), 32, drop_last=drop_last, floor=floor)
+    assert [len(s) for s in steps] == sizes
+    assert [i for s in steps for i in s] == list(range(sum(sizes)))
+
+
+def test_batchnorm_epochs_never_train_on_one_sample() -> None:
+    """k·target + 1 samples at micro 2: a last step of 1, and chunks of 1, would crash BatchNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, CLASSES))
+    seen: list[int] = []
+
+    def step_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        seen.append(len(batch[0]))
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    X, y = classification_data(2 * 8 + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = session_for(model, (X, y), optimizer=optimizer, step_fn=step_fn, target_batch=8, micro_batch=2)
+    loop = TrainLoop(session, Stepper(model, optimizer, session.memory, "fp32", step_fn=step_fn), 2)
+    losses = loop.run_epoch(0, 1)
+    assert len(losses) == 2 and loop.samples == 17
+    assert min(seen) >= 2 and sum(seen) == 17  # 2+2+2+2, then 3+2+2+2: the ninth sample joined a chunk
 
 
 # -- BatchNorm warning ------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from autobatch.memory import DeviceMemory, default_cpu_limit, parse_memory_limit, tensor_bytes
+from autobatch.memory import DeviceMemory, default_cpu_limit, tensor_bytes
+from autobatch.units import parse_memory_limit
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CPU = torch.device("cpu")
@@ -106,13 +107,19 @@ def test_cpu_without_a_limit_is_not_emulated() -> None:
     assert moved[0] is x and moved[1] == 3  # already on the device: no copy
 
 
-def test_forced_emulation_without_a_limit_uses_the_default() -> None:
-    memory = DeviceMemory(CPU, None, emulate=True)
-    assert memory.emulated
-    assert memory.limit is not None and memory.limit > 0
-    forced_off = DeviceMemory(CPU, 4 * MiB, emulate=False)
-    assert not forced_off.emulated
-    assert forced_off.describe() == "4.00 MiB (unenforced)"
+def test_a_guarded_probe_without_a_limit_emulates_half_the_available_ram() -> None:
+    unlimited = DeviceMemory(CPU, None)
+    guarded = unlimited.guarded()
+    assert guarded.emulated and guarded.guard and not unlimited.emulated
+    assert guarded.limit is not None and guarded.limit > 0
+    assert guarded.describe().endswith("(emulated: half the available RAM, as no memory_limit was given)")
+    limited = DeviceMemory(CPU, 4 * MiB)
+    assert limited.guarded() is limited  # a given limit is the limit, for the probe and training alike
+
+
+def test_capacity_is_the_limit() -> None:
+    assert DeviceMemory(CPU, 4 * MiB).capacity == 4 * MiB
+    assert DeviceMemory(CPU, None).capacity is None
 
 
 def test_emulated_measure_counts_residents_and_peaks() -> None:
@@ -125,7 +132,8 @@ def test_emulated_measure_counts_residents_and_peaks() -> None:
         assert measured.peak_so_far() == 3 * 4096
         del y, moved
     assert measured.peak_bytes == 3 * 4096
-    assert memory.transfer(weight) is weight  # outside a measured region nothing is copied
+    copied = memory.transfer(weight)  # always a copy onto the device, as host-to-device is
+    assert copied is not weight and torch.equal(copied, weight)
 
 
 def test_emulated_measure_raises_out_of_memory() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autobatch.memory import DeviceMemory
-from autobatch.step import Stepper, compute_loss, resolve_precision
+from autobatch.step import Stepper, StepResult, compute_loss, resolve_precision
 
 torch.set_num_threads(1)
 
@@ -150,20 +150,44 @@ def test_batch_without_targets_is_a_helpful_error(bad: Any) -> None:
 def test_non_scalar_loss_is_a_helpful_error() -> None:
     per_sample = stepper(linear(), loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))
     with pytest.raises(ValueError, match=r"scalar.*\(8,\)"):
-        per_sample.backward(batch())
+        per_sample.forward_backward(batch())
     not_a_tensor = stepper(linear(), step_fn=lambda model, b: 1.0)
     with pytest.raises(ValueError, match=r"scalar.*float"):
-        not_a_tensor.backward(batch())
+        not_a_tensor.forward_backward(batch())
 
 
-# -- backward and step ------------------------------------------------------------------------------
+class _Outputs(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.linear, self.kind = linear(), kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.linear(x)
+        if self.kind == "dict":
+            return {"logits": logits, "aux": logits.sum()}
+        if self.kind == "object":
+            return Output(logits)
+        return logits, logits.sum()
 
 
-def test_backward_scales_by_weight_and_returns_the_unweighted_loss() -> None:
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [("dict", r"dict with keys \['aux', 'logits'\].*outputs\['logits'\]"), ("object", "outputs.logits"),
+     ("tuple", r"tuple of 2.*outputs\[0\]")],
+)  # fmt: skip
+def test_outputs_the_default_loss_cannot_read_say_what_to_pass(kind: str, says: str) -> None:
+    with pytest.raises(TypeError, match=rf"The model returned .*{says}"):
+        compute_loss(_Outputs(kind), batch())
+
+
+# -- micro-steps and optimizer steps ---------------------------------------------------------------
+
+
+def test_forward_backward_scales_by_weight_and_returns_the_unweighted_loss() -> None:
     model = linear()
     s = stepper(model)
     x, y = batch()
-    loss = s.backward((x, y), weight=0.25)
+    loss = s.forward_backward((x, y), weight=0.25)
     reference = linear()
     (F.cross_entropy(reference(x), y) * 0.25).backward()
     assert not loss.requires_grad
@@ -172,40 +196,70 @@ def test_backward_scales_by_weight_and_returns_the_unweighted_loss() -> None:
         torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_step_applies_and_zeroes_gradients() -> None:
+def test_optimizer_step_applies_and_zeroes_gradients() -> None:
     model = linear()
     s = stepper(model)
     before = [p.detach().clone() for p in model.parameters()]
-    s.backward(batch())
-    assert s.step() is True
+    s.forward_backward(batch())
+    assert s.optimizer_step().applied is True
     assert all(p.grad is None for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_fp16_step_with_inf_gradients_is_skipped() -> None:
     model = linear()
-    s = stepper(model, "fp16")
+    s = stepper(model, "fp16", skip_nonfinite=False)
     assert s.scaler.is_enabled()
     before = [p.detach().clone() for p in model.parameters()]
     scale = s.scaler.get_scale()
 
-    s.backward(batch(), weight=float("inf"))
-    assert s.step() is False
+    s.forward_backward(batch(), weight=float("inf"))
+    assert s.optimizer_step().applied is False
     assert s.scaler.get_scale() < scale
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.grad is None for p in model.parameters())
 
-    s.backward(batch())
-    assert s.step() is True
+    s.forward_backward(batch())
+    assert s.optimizer_step().applied is True
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_nonfinite_loss_is_skipped_and_said_so(precision: str) -> None:
+    model = linear()
+    s = stepper(model, precision)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = s.scaler.get_scale()
+    s.forward_backward(batch(), weight=float("nan"))
+    result = s.optimizer_step()
+    assert result.applied is False and result.nonfinite is True
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert s.scaler.get_scale() == scale  # not the scaler's business: its scale is left alone
+    s.forward_backward(batch())
+    assert s.optimizer_step() == StepResult(applied=True)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_steps_without_a_scaler_are_never_skipped(precision: str) -> None:
-    s = stepper(linear(), precision)
-    assert not s.scaler.is_enabled()
-    s.backward(batch(), weight=float("inf"))
-    assert s.step() is True
+def test_nonfinite_gradients_are_caught_by_clipping(precision: str) -> None:
+    model = linear()
+    s = stepper(model, precision, grad_clip=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def sqrt_of_zero(model: nn.Module, b: Any) -> torch.Tensor:  # finite loss, NaN gradients
+        return (model(b[0]) * 0).sum().sqrt()
+
+    s.step_fn = sqrt_of_zero
+    s.forward_backward(batch())
+    assert s.optimizer_step() == StepResult(applied=False, nonfinite=True)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_probe_steps_whatever_the_loss(precision: str) -> None:
+    s = stepper(linear(), precision, skip_nonfinite=False)
+    s.forward_backward(batch(), weight=float("inf"))
+    assert s.optimizer_step() == StepResult(applied=True)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -214,8 +268,8 @@ def test_grad_clip_bounds_the_update_after_unscaling(precision: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     s = Stepper(model, optimizer, DeviceMemory(CPU, None), precision, grad_clip=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
-    s.backward(batch())
-    assert s.step() is True
+    s.forward_backward(batch())
+    assert s.optimizer_step().applied is True
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     # Clipping the scaled gradients (before unscale_) would leave an update 65536× smaller.
     assert float(update.norm()) == pytest.approx(1e-3, rel=1e-2)
@@ -233,33 +287,37 @@ def oom_between_unscale_and_step(monkeypatch: pytest.MonkeyPatch, s: Stepper) ->
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_once_oom)
-    s.backward(batch())
+    s.forward_backward(batch())
     with pytest.raises(torch.OutOfMemoryError):
-        s.step()
+        s.optimizer_step()
 
 
-def test_reset_after_oom_lets_the_next_step_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discard_step_lets_the_next_step_run(monkeypatch: pytest.MonkeyPatch) -> None:
     model = linear()
     s = stepper(model, "fp16", grad_clip=1.0)
     oom_between_unscale_and_step(monkeypatch, s)
 
-    s.reset_after_oom()
+    s.discard_step()
 
     assert all(p.grad is None for p in model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
-    s.backward(batch())
-    assert s.step() is True
+    s.forward_backward(batch())
+    assert s.optimizer_step().applied is True
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
-def test_without_reset_the_next_unscale_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The failure reset_after_oom prevents: GradScaler remembers the interrupted unscale_."""
-    s = stepper(linear(), "fp16", grad_clip=1.0)
+def test_an_interrupted_optimizer_step_tried_again_unscales_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the transaction's retry does: the second try skips the unscale the first one completed."""
+    reference, model = linear(), linear()
+    expected = stepper(reference, "fp16", grad_clip=1.0)
+    expected.forward_backward(batch())
+    expected.optimizer_step()
+    s = stepper(model, "fp16", grad_clip=1.0)
     oom_between_unscale_and_step(monkeypatch, s)
-    s.optimizer.zero_grad(set_to_none=True)
-    s.backward(batch())
-    with pytest.raises(RuntimeError, match="unscale_"):
-        s.step()
+    assert s.unscaled and not s.clipped
+    assert s.optimizer_step().applied is True
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_state_tensors_cover_parameters_gradients_and_optimizer_state() -> None:
@@ -268,24 +326,32 @@ def test_state_tensors_cover_parameters_gradients_and_optimizer_state() -> None:
     s = Stepper(model, optimizer, DeviceMemory(CPU, None), "fp32")
     ids = {id(t) for t in s.state_tensors()}
     assert all(id(t) in ids for t in [*model.parameters(), *model.buffers()])
-    s.backward(batch())
+    s.forward_backward(batch())
     assert all(id(p.grad) in {id(t) for t in s.state_tensors()} for p in model.parameters())
-    s.step()
+    s.optimizer_step()
     moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     assert moments and all(id(m) in {id(t) for t in s.state_tensors()} for m in moments)
 
 
-def test_step_leaves_the_weighted_sum_of_the_micro_losses() -> None:
+def test_pending_loss_is_the_weighted_sum_of_the_micro_losses() -> None:
     model = linear()
     s = stepper(model)
     first, second = batch(8, seed=1), batch(8, seed=2)
-    a = s.backward(first, 0.75)
-    b = s.backward(second, 0.25)
-    s.step()
-    assert s.last_loss is not None
-    torch.testing.assert_close(s.last_loss, 0.75 * a + 0.25 * b)
-    s.backward(first, 1.0)
-    s.reset_after_oom()  # a failed step's losses are forgotten with its gradients
-    c = s.backward(second, 1.0)
-    s.step()
-    torch.testing.assert_close(s.last_loss, c)
+    a = s.forward_backward(first, 0.75)
+    b = s.forward_backward(second, 0.25)
+    assert s.pending_loss() == pytest.approx(float(0.75 * a + 0.25 * b), rel=1e-6)
+    s.optimizer_step()
+    assert s.pending_loss() == 0.0
+    s.forward_backward(first, 1.0)
+    s.discard_step()  # a failed step's losses are forgotten with its gradients
+    c = s.forward_backward(second, 1.0)
+    assert s.pending_loss() == pytest.approx(float(c), rel=1e-6)
+
+
+def test_materialise_gradients_gives_every_trainable_parameter_one() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    s = stepper(model)
+    s.forward_backward(((torch.randn(2, 4)), torch.tensor([0, 1])))
+    model[0].weight.grad = None
+    s.materialise_gradients()
+    assert torch.equal(model[0].weight.grad, torch.zeros_like(model[0].weight))

@@ -1,4 +1,4 @@
-"""Tests for autobatch.plan: concrete splits, invariants over random inputs, and bad arguments."""
+"""Tests for autobatch.planner: concrete splits, invariants over random inputs, and bad arguments."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autobatch.plan import Plan, plan
+from autobatch.planner import Plan, plan, uniform_plan
 
 # --- concrete examples --------------------------------------------------------------------------
 
@@ -110,14 +110,16 @@ def test_to_dict_round_trips(micro: int, per_rank: int, world: int) -> None:
     p = plan(micro, per_rank * world, world)
     data = p.to_dict()
     assert json.loads(json.dumps(data)) == data
-    assert Plan(**{**data, "chunks": tuple(data["chunks"])}) == p
+    assert Plan(**{k: v for k, v in data.items() if k != "chunk_sizes"}) == p
     assert data == {
         "micro_batch": p.micro_batch,
         "accumulation_steps": p.accumulation_steps,
         "world_size": p.world_size,
         "effective_batch": p.effective_batch,
-        "chunks": list(p.chunks),
+        "min_chunk": 1,
+        "chunk_sizes": [[size, n] for size, n in p.chunks.sizes()],
     }
+    assert [size for size, n in data["chunk_sizes"] for _ in range(n)] == list(p.chunks)
 
 
 @given(micro=micros, per_rank=per_ranks, world=worlds)
@@ -170,39 +172,69 @@ def test_target_below_world_size_names_only_valid_target_above() -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {
-            "micro_batch": 8,
-            "accumulation_steps": 2,
-            "world_size": 1,
-            "effective_batch": 32,
-            "chunks": (8, 8),
-        },
-        {
-            "micro_batch": 8,
-            "accumulation_steps": 1,
-            "world_size": 1,
-            "effective_batch": 16,
-            "chunks": (16,),
-        },
-        {
-            "micro_batch": 8,
-            "accumulation_steps": 3,
-            "world_size": 1,
-            "effective_batch": 16,
-            "chunks": (8, 8),
-        },
-        {
-            "micro_batch": 8,
-            "accumulation_steps": 0,
-            "world_size": 1,
-            "effective_batch": 0,
-            "chunks": (),
-        },
+        {"micro_batch": 8, "accumulation_steps": 2, "world_size": 1, "effective_batch": 32},  # 4 steps
+        {"micro_batch": 8, "accumulation_steps": 1, "world_size": 1, "effective_batch": 16},  # chunk 16 > 8
+        {"micro_batch": 8, "accumulation_steps": 3, "world_size": 1, "effective_batch": 16},  # not the fewest
+        {"micro_batch": 8, "accumulation_steps": 0, "world_size": 1, "effective_batch": 0},
+        {"micro_batch": 8, "accumulation_steps": 1, "world_size": 3, "effective_batch": 8},  # indivisible
+        {"micro_batch": 8, "accumulation_steps": 1, "world_size": 1, "effective_batch": 8, "min_chunk": 0},
+        {"micro_batch": 8.0, "accumulation_steps": 1, "world_size": 1, "effective_batch": 8},
     ],
 )
 def test_inconsistent_plan_is_rejected(fields: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=r"Expected `chunks` to hold `accumulation_steps` sizes"):
+    with pytest.raises(
+        ValueError, match=r"Expected a plan whose `accumulation_steps` near-equal micro-steps"
+    ):
         Plan(**fields)  # type: ignore[arg-type]
+
+
+# --- huge targets and BatchNorm -------------------------------------------------------------------
+
+
+def test_a_huge_target_costs_constant_memory_and_time() -> None:
+    p = plan(1, 10**12)
+    assert p.accumulation_steps == 10**12 and len(p.chunks) == 10**12
+    assert p.chunks[0] == p.chunks[-1] == 1 and p.chunks.sizes() == [(1, 10**12)]
+    assert p.describe() == "1 × 1000000000000 steps × 1 rank = 1000000000000"
+    assert p.to_dict()["chunk_sizes"] == [[1, 10**12]]
+    assert uniform_plan(10**9, 10**10).chunks.sizes() == [(10**9, 10)]
+
+
+def test_many_uneven_chunks_are_described_by_their_sizes() -> None:
+    assert plan(7, 100).describe() == "7 × 10 + 6 × 5 (15 steps) × 1 rank = 100"
+
+
+@pytest.mark.parametrize(
+    ("micro", "target", "chunks"),
+    [
+        (2, 3, (3,)),
+        (2, 5, (3, 2)),
+        (2, 33, (3,) + (2,) * 15),
+        (3, 7, (3, 2, 2)),
+        (4, 9, (3, 3, 3)),
+        (2, 1, (1,)),
+    ],
+)
+def test_min_chunk_never_leaves_a_chunk_of_one(micro: int, target: int, chunks: tuple[int, ...]) -> None:
+    p = plan(micro, target, min_chunk=2)
+    assert p.chunks == chunks
+    assert all(c >= 2 for c in p.chunks) or target < 2
+
+
+@given(micro=st.integers(2, 64), per_rank=st.integers(2, 5000))
+def test_min_chunk_two_keeps_every_chunk_at_two_and_at_most_one_over_micro(micro: int, per_rank: int) -> None:
+    chunks = list(plan(micro, per_rank, min_chunk=2).chunks)
+    assert sum(chunks) == per_rank and min(chunks) >= 2
+    assert max(chunks) <= max(micro, 3) and max(chunks) - min(chunks) <= 1
+
+
+def test_chunks_is_a_sequence_equal_to_its_tuple() -> None:
+    chunks = plan(12, 32).chunks
+    assert chunks == (11, 11, 10) and chunks == [11, 11, 10] and chunks != (11, 11, 9)
+    assert chunks[1:] == (11, 10) and list(reversed(chunks)) == [10, 11, 11]
+    assert hash(chunks) == hash(plan(12, 32).chunks)
+    with pytest.raises(IndexError):
+        chunks[3]
 
 
 # --- dataclass behaviour and docs ---------------------------------------------------------------
@@ -212,7 +244,7 @@ def test_plan_is_frozen() -> None:
     p = plan(12, 32)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.micro_batch = 4  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         p.chunks = (32,)  # type: ignore[misc]
 
 
@@ -223,7 +255,7 @@ def test_plan_is_hashable_and_compares_by_value() -> None:
 
 
 def test_doctests() -> None:
-    module = importlib.import_module("autobatch.plan")
+    module = importlib.import_module("autobatch.planner")
     result = doctest.testmod(module)
     assert result.attempted > 0
     assert result.failed == 0

@@ -1,0 +1,238 @@
+"""The public entry points: :func:`fit`, :func:`probe` and :func:`try_batch`.
+
+Each reads as its stages. Their keyword options are the fields of :mod:`autobatch.options` (the signature
+``help()`` shows is written from them): every option has one default, one check and one help text, shared
+by all three, the command line, the test kit and the probe cache's key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from torch import nn
+
+from autobatch.errors import UsageValueError
+from autobatch.evaluate import evaluate
+from autobatch.loop import TrainLoop, warn_batchnorm
+from autobatch.options import Options, TrainOptions, entry_point
+from autobatch.planner import plan
+from autobatch.prober import Prober, ProbeStore
+from autobatch.result import FitResult, ProbeResult
+from autobatch.search import OutOfMemory, Trial
+from autobatch.session import Session, resolve
+from autobatch.step import Stepper
+from autobatch.validate import check_positive_int
+
+__all__ = ["fit", "probe", "try_batch"]
+
+logger = logging.getLogger("autobatch.fit")
+
+
+@entry_point("fit")
+def fit(
+    model: nn.Module, data: Any, target_batch: int = TrainOptions.target_batch, **options: Any
+) -> FitResult:
+    """Train ``model`` with an effective batch of exactly ``target_batch``, whatever the device holds.
+
+    Probes the largest micro-batch that fits, plans gradient accumulation so that micro-batches add up
+    to ``target_batch``, trains with autocast and a GradScaler, backs off and redoes a step that runs
+    out of memory, and scores ``eval_data`` with sklearn's ``classification_report`` after each epoch.
+
+    Args:
+        model: the model; moved to ``device`` (nothing is changed when an argument is refused).
+        data: a map-style Dataset, a DataLoader (its dataset, collate_fn, sampler and worker settings
+            are kept, its batch size is not) or tensors ``(X, y)``. Batches are ``(*inputs, targets)``
+            or dicts passed as ``model(**batch)`` whose output has ``.loss``.
+        target_batch: the effective batch of every optimizer step, over all ranks.
+
+    Returns:
+        A :class:`~autobatch.result.FitResult`.
+
+    Raises:
+        UsageTypeError, UsageValueError: a bad argument, named in the message; nothing was changed.
+        NoBatchFitsError: not even the smallest micro-batch fits.
+        OptimizerStepError: ``optimizer.step()`` ran out of memory after every micro-step fitted.
+        NonFiniteLossError: the loss was NaN or infinite for several steps in a row.
+
+    Example:
+        >>> import torch, autobatch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        >>> X, y = torch.randn(96, 8), torch.randint(0, 3, (96,))
+        >>> result = autobatch.fit(model, (X, y), target_batch=32, memory_limit="256KiB",
+        ...                        device="cpu", precision="fp32", seed=0, progress=False)
+        >>> result.plan.effective_batch, result.samples
+        (32, 96)
+    """
+    started = time.perf_counter()
+    session = resolve(model, data, Options.parse("fit", {"target_batch": target_batch, **options}))
+    train = session.options.train
+    with session.start():
+        probed = (
+            _probe(session, cap=train.target_batch // session.world_size)
+            if train.micro_batch is None
+            else None
+        )
+        micro = probed.micro_batch if probed is not None else train.micro_batch
+        assert micro is not None
+        initial = plan(micro, train.target_batch, session.world_size, min_chunk=session.floor)
+        if session.is_main:
+            logger.info("plan: %s", initial.describe())
+            warn_batchnorm(session.model, initial)
+        loop = TrainLoop(session, _training_stepper(session), micro)
+        result = FitResult(probe=probed, plan=initial, final_plan=initial)
+        with session.memory.capped():
+            for epoch in range(train.epochs):
+                t0 = time.perf_counter()
+                result.losses += loop.run_epoch(epoch, train.epochs)
+                result.train_seconds += time.perf_counter() - t0
+                result.epochs = epoch + 1
+                if session.eval_source is not None:
+                    result.evals.append(_evaluate(session, loop, result, epoch))
+    result.final_plan = loop.plan
+    result.skipped_steps, result.nonfinite_steps = loop.skipped_steps, loop.nonfinite_steps
+    result.backoffs, result.regrowths = loop.backoffs, loop.regrowths
+    result.optimizer_steps, result.samples = loop.steps, loop.samples
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _training_stepper(session: Session) -> Stepper:
+    step = session.options.step
+    assert session.optimizer is not None  # built by Session.start
+    return Stepper(
+        session.model,
+        session.optimizer,
+        session.memory,
+        session.precision,
+        forward=session.ddp,  # under DDP the forward runs through the wrapper (inside its no_sync())
+        loss_fn=step.loss_fn,
+        step_fn=step.step_fn,
+        grad_clip=step.grad_clip,
+    )
+
+
+def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int) -> Any:
+    evaluation = session.options.eval
+    assert session.eval_source is not None
+    # After the first evaluation, start from the batch size that fitted last time.
+    start = result.evals[-1].batch_size if result.evals else evaluation.eval_batch or 4 * loop.micro
+    report = evaluate(
+        session.model,
+        session.eval_source,
+        session.memory,
+        loop.stepper.autocast,
+        batch_size=start,
+        target_names=evaluation.target_names,
+        predict_fn=evaluation.predict_fn,
+        epoch=epoch,
+        group=session.group,
+    )
+    logger.info("epoch %d: accuracy %.4f", epoch + 1, report.accuracy)
+    return report
+
+
+def _probe(session: Session, cap: int | None = None) -> ProbeResult:
+    """Probe a started session: from the cache when it holds this setup, else by searching."""
+    prober = Prober(session)
+    dataset = len(session.source)
+    cap = min(cap or dataset, session.options.probe.max_batch or dataset, dataset)
+    if session.group is not None:
+        cap = int(session.group.min([cap])[0])
+    with prober.restoring():
+        store = ProbeStore.open(prober, cap)  # reads samples: inside the snapshot
+        hit = store.lookup() if store is not None else None
+        if hit is not None:
+            logger.info("probe: %s", hit.summary())
+            return hit
+        result = prober.search(cap)
+    logger.info("probe: %s", result.summary())
+    if store is not None:
+        store.save(result)
+    return result
+
+
+@entry_point("probe")
+def probe(model: nn.Module, data: Any, **options: Any) -> ProbeResult:
+    """Find the largest micro-batch whose full training step fits in device memory.
+
+    Every trial is the real training step (autocast forward, loss, scaled backward, optimizer step) at
+    steady state, on a batch of the largest samples; the model, optimizer, scaler and generators are
+    left bit-identical. Under torchrun every rank probes its own copy and the ranks agree after each
+    trial: all return the micro-batch that fits on the tightest rank.
+
+    Args:
+        model: the model, on the device to probe (a DDP wrapper is probed through its ``module``).
+        data: a map-style Dataset, a DataLoader (its dataset and collate_fn are used) or tensors ``(X, y)``.
+
+    Returns:
+        A :class:`~autobatch.result.ProbeResult`; ``micro_batch`` is the batch size to train with.
+
+    Raises:
+        UsageTypeError, UsageValueError: a bad argument (the message names it).
+        NoBatchFitsError: not even the smallest batch fits.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        >>> X, y = torch.randn(512, 64), torch.randint(0, 10, (512,))
+        >>> result = probe(model, (X, y), memory_limit="2MiB", precision="fp32")
+        >>> 1 <= result.micro_batch <= 512
+        True
+    """
+    session = resolve(model, data, Options.parse("probe", options))
+    with session.start():
+        return _probe(session)
+
+
+@entry_point("try_batch")
+def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, **options: Any) -> Trial:
+    """Run steady-state training steps at ``batch_size`` and report whether they fitted.
+
+    Leaves the model untouched as :func:`probe` does. Useful to check a batch size in CI, or to verify a
+    probe exhaustively.
+
+    Args:
+        model: the model, on the device to test.
+        data: as for :func:`probe`; the batch holds its ``batch_size`` largest samples.
+        batch_size: the batch to try.
+        steps: optimizer steps to run at ``batch_size`` after the warm-up; the trial fits only if all of
+            them do, and its peak is the highest of them.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(8, 2)
+        >>> X, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+        >>> try_batch(model, (X, y), 64, memory_limit="1MiB", precision="fp32").fitted
+        True
+    """
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(steps, "steps")
+    session = resolve(model, data, Options.parse("try_batch", options))
+    if batch_size > len(session.source):
+        raise UsageValueError(
+            f"Expected `batch_size` to be at most the dataset size {len(session.source)}, "
+            f"but got {batch_size}."
+        )
+    with session.start():
+        prober = Prober(session)
+        started = time.perf_counter()
+        peaks = []
+        with prober.restoring(), prober.warm() as warm:
+            if not warm:
+                return Trial(batch_size, False, None, time.perf_counter() - started)
+            started = time.perf_counter()
+            try:
+                peaks = [prober.trial(batch_size) for _ in range(steps)]
+            except OutOfMemory:
+                return Trial(batch_size, False, None, time.perf_counter() - started)
+    step_peaks = [p.step_bytes for p in peaks if p.step_bytes is not None]
+    backward_peaks = [p.backward_bytes for p in peaks if p.backward_bytes is not None]
+    return Trial(
+        batch_size,
+        True,
+        max(step_peaks) if step_peaks else None,
+        time.perf_counter() - started,
+        max(backward_peaks) if backward_peaks else None,
+    )

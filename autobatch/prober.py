@@ -1,0 +1,259 @@
+"""The probe: run the real training step at growing batch sizes and find the largest that fits.
+
+Every trial is one optimizer step of :func:`~autobatch.transaction.run_step` (the step the training loop
+runs) on the worst-case batch of that size, at steady state: a warm-up step first creates the optimizer
+state, so that Adam's moments already take their memory while a trial is measured. The search itself is the
+pure :func:`~autobatch.search.search`. Whatever happens, everything the steps change is restored bit for
+bit (:mod:`autobatch.state`) before the probe returns or raises; reading samples for the cache key happens
+inside that snapshot too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from autobatch.errors import NoBatchFitsError
+from autobatch.memory import tensor_bytes
+from autobatch.oom import frozen_heap, release_memory
+from autobatch.result import ProbeResult
+from autobatch.search import OutOfMemory, Peaks, Trial, search
+from autobatch.session import Session
+from autobatch.state import snapshot
+from autobatch.step import Stepper
+from autobatch.transaction import run_step
+from autobatch.units import format_bytes
+
+__all__ = ["Prober", "apply_margin"]
+
+logger = logging.getLogger("autobatch.probe")
+
+
+def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
+    """Shrink the exact maximum by ``margin`` (a fraction) and round it down to ``multiple_of``.
+
+    When no multiple of ``multiple_of`` fits, the batch after the margin is kept (at least 1).
+
+    Example:
+        >>> apply_margin(100, 0.1, 8), apply_margin(100, 0.0, 1), apply_margin(5, 0.0, 8)
+        (88, 100, 5)
+    """
+    after_margin = max(1, math.floor(exact * (1.0 - margin)))
+    rounded = (after_margin // multiple_of) * multiple_of
+    return rounded if rounded >= 1 else after_margin
+
+
+class Prober:
+    """The probe of one started :class:`~autobatch.session.Session`.
+
+    It steps with a GradScaler of its own whose scale starts at 1 (a first step skipped for inf gradients
+    would not create the optimizer state that steady state needs), measures every step, NaN losses
+    included, and runs on the session's memory guarded for probing (:meth:`DeviceMemory.guarded`).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.memory = session.memory.guarded()
+        step = session.options.step
+        optimizer = session.optimizer
+        if optimizer is None:  # probe and try_batch: the optimizer training would default to
+            optimizer = torch.optim.AdamW([p for p in session.model.parameters() if p.requires_grad], lr=1e-3)
+        self.optimizer = optimizer
+        scaler = torch.amp.GradScaler(
+            session.device.type, init_scale=1.0, enabled=session.precision == "fp16"
+        )
+        self.stepper = Stepper(
+            session.model,
+            optimizer,
+            self.memory,
+            session.precision,
+            loss_fn=step.loss_fn,
+            step_fn=step.step_fn,
+            grad_clip=step.grad_clip,
+            scaler=scaler,
+            skip_nonfinite=False,
+        )
+        self.floor = session.floor
+        self.steps = 0
+        self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
+        capacity = self.memory.capacity
+        if session.group is not None and capacity is not None:
+            # Ranks with different limits must still search alike: all predict from the smallest.
+            capacity = int(session.group.min([capacity])[0])
+        self.capacity = capacity
+
+    def trial(self, batch_size: int) -> Peaks:
+        """One optimizer step on the worst-case batch; raises :class:`OutOfMemory` when it does not fit."""
+        probe = self.session.options.probe
+        batch = self.session.source.worst_case(batch_size, probe.size_fn)
+        # A micro-step after the first adds onto existing gradients: measure that one too.
+        weights = (0.5, 0.5) if probe.accumulate else (1.0,)
+        outcome = run_step(self.stepper, lambda: [(batch, w) for w in weights], group=self.session.group)
+        self.steps += 1
+        if not outcome.fitted:
+            raise OutOfMemory
+        self.model_state_bytes = max(self.model_state_bytes, tensor_bytes(self.stepper.state_tensors()))
+        logger.debug("probe: batch %d fits, peak %s", batch_size, outcome.step_peak)
+        return Peaks(outcome.step_peak, outcome.backward_peak)
+
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Snapshot everything the steps (and reading samples) change; restore it all on the way out."""
+        with frozen_heap():
+            snap = snapshot(self.session.model, self.session.optimizer, self.session.options.probe.scaler)
+            try:
+                yield
+            finally:
+                # Release first (it drops gradients), then restore (pending gradients come back).
+                self.stepper.discard_step()
+                release_memory(self.session.model, self.optimizer)
+                snap.restore()
+
+    @contextlib.contextmanager
+    def warm(self) -> Iterator[bool]:
+        """Cap memory and run the warm-up step that creates the optimizer state; yields whether it fitted."""
+        self.session.model.train()
+        with self.memory.capped():
+            try:
+                self.trial(self.floor)
+            except OutOfMemory:
+                yield False
+            else:
+                yield True
+
+    def search(self, cap: int) -> ProbeResult:
+        """The search up to ``cap``, from a warm state; raises NoBatchFitsError when nothing fits."""
+        started = time.perf_counter()
+        with self.warm() as warm:
+            outcome = None
+            if warm:
+                outcome = search(
+                    self.trial,
+                    cap=cap,
+                    limit=self.capacity,
+                    on_trial=self.session.options.probe.on_trial,
+                    start=self.floor,
+                    floor=self.floor,
+                )
+        if outcome is None or outcome.best == 0:
+            raise self.nothing_fits()
+        return self.result(outcome.best, outcome.first_failure, outcome.trials, outcome.model, cap, started)
+
+    def result(
+        self,
+        best: int,
+        first_failure: int | None,
+        trials: list[Trial],
+        model: Any,
+        cap: int,
+        started: float,
+    ) -> ProbeResult:
+        session, probe = self.session, self.session.options.probe
+        micro = apply_margin(best, probe.margin, probe.multiple_of)
+        if session.group is not None:  # the searches ran in lockstep; this also covers per-rank options
+            micro = int(session.group.min([micro])[0])
+        capped_by = None
+        if best >= cap:
+            dataset = len(session.source)
+            capped_by = (
+                "max_batch" if probe.max_batch is not None and probe.max_batch <= dataset else "dataset"
+            )
+        return ProbeResult(
+            micro_batch=micro,
+            max_fitting_batch=best,
+            first_failure=first_failure,
+            capped_by=capped_by,
+            device=str(session.device),
+            precision=session.precision,
+            memory_limit=self.memory.limit,
+            limit_kind=self.memory.describe(),
+            trials=trials,
+            fixed_bytes=model.fixed_bytes if model else None,
+            bytes_per_sample=model.bytes_per_sample if model else None,
+            model_state_bytes=self.model_state_bytes,
+            optimizer_steps=self.steps,
+            ooms=sum(not t.fitted for t in trials),
+            margin=probe.margin,
+            multiple_of=probe.multiple_of,
+            seconds=time.perf_counter() - started,
+        )
+
+    def nothing_fits(self) -> NoBatchFitsError:
+        """The error of a probe whose smallest batch did not fit, with what to try."""
+        limit, precision, batch = self.memory.limit, self.session.precision, self.floor
+        hints = ["a larger memory_limit", "a smaller model"]
+        if precision == "fp32":
+            hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
+        hints.append("an optimizer with less state (SGD instead of Adam)")
+        where = format_bytes(limit) if limit is not None else "the device capacity"
+        return NoBatchFitsError(
+            f"Not even a batch of {batch} sample{'s' if batch != 1 else ''} fits: the training step ran out "
+            f"of memory under {where} with {format_bytes(self.model_state_bytes)} of model state in "
+            f"{precision}. Try " + ", ".join(hints) + ".",
+            memory_limit=limit,
+            model_state_bytes=self.model_state_bytes,
+        )
+
+
+class ProbeStore:
+    """The probe cache as one probe sees it: rank 0 reads and writes, and tells the other ranks.
+
+    The key holds every option that changes a step's memory (the ``keyed`` fields of
+    :mod:`autobatch.options`), each by what it resolved to: the optimizer by its type and settings, the
+    precision resolved for the device, the limit the probe ran under (under a group, the smallest).
+    """
+
+    _RESOLVED = frozenset({"optimizer", "precision", "device", "memory_limit"})
+
+    def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any]) -> None:
+        from autobatch.cachekey import cache_key
+
+        self.prober, self.cache, self.fingerprint, self.key = prober, cache, fp, cache_key(fp)
+        self.group = prober.session.group
+
+    @classmethod
+    def open(cls, prober: Prober, cap: int) -> ProbeStore | None:
+        """The store for this probe, or ``None`` with ``cache=False``."""
+        from autobatch.cache import ProbeCache
+        from autobatch.cachekey import fingerprint
+
+        session = prober.session
+        options = session.options
+        if not options.cache.cache:
+            return None
+        keyed = {**options.step.keyed(), **options.memory.keyed(), **options.probe.keyed()}
+        keyed = {k: v for k, v in keyed.items() if k not in cls._RESOLVED}
+        fp = fingerprint(
+            model=session.model,
+            optimizer=prober.optimizer,
+            precision=session.precision,
+            device=session.device,
+            # Under a group the answer depends on the tightest rank's limit, not on this rank's.
+            memory_limit=prober.capacity if session.group is not None else prober.memory.limit,
+            world_size=session.group.world_size if session.group is not None else 1,
+            sample=session.source.worst_case(1, options.probe.size_fn),
+            dataset_size=len(session.source),
+            options={**keyed, "max_batch": cap},
+        )
+        return cls(prober, ProbeCache(options.cache.cache_dir), fp)
+
+    @property
+    def _main(self) -> bool:
+        return self.group is None or self.group.is_main
+
+    def lookup(self) -> ProbeResult | None:
+        hit = self.cache.get(self.key) if self._main else None
+        if self.group is not None:  # every rank takes rank 0's answer, hit or miss
+            found = self.group.broadcast(hit.to_dict() if hit is not None else None)
+            hit = ProbeResult.from_dict(found) if found is not None else None
+        return hit
+
+    def save(self, result: ProbeResult) -> None:
+        if self._main:
+            self.cache.put(self.key, result, self.fingerprint)
