@@ -2,6 +2,7 @@
 
 import sys
 
-from autobatch.cli import main
+if __name__ == "__main__":
+    from autobatch.cli import main
 
-sys.exit(main())
+    sys.exit(main())

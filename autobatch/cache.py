@@ -1,15 +1,16 @@
 """The on-disk probe cache: a second run on the same setup reuses the probe's answer and trains at once.
 
-A result is stored as one JSON file per setup, named after the :func:`~autobatch.cachekey.cache_key` of
-the setup's :func:`~autobatch.cachekey.fingerprint`; any change gives a new key and a new probe. Writes
+A result is stored as one JSON file per setup, named after the :func:`cache_key` of the setup's
+:func:`~autobatch.fingerprint.fingerprint`; any change gives a new key and a new probe. Writes
 go to a temporary file in the same directory, fsynced, then renamed over the target: concurrent writers
 never leave a partial file. A corrupt or unreadable file is ignored with one
 :class:`AutobatchCacheWarning` and rewritten by the next put; an unwritable directory only warns.
 
+Imports no torch: ``autobatch cache show`` answers at once.
+
 Example:
-    >>> import tempfile, torch
-    >>> fp = fingerprint(model=torch.nn.Linear(8, 2), optimizer=None, precision="fp32", device=torch.device(
-    ...     "cpu"), memory_limit=None, world_size=1, sample=torch.randn(4, 8), dataset_size=64)
+    >>> import tempfile
+    >>> fp = {"model": "a fingerprint", "dataset_size": 64}
     >>> cache = ProbeCache(tempfile.mkdtemp())
     >>> result = ProbeResult(4, 4, None, "dataset", "cpu", "fp32", None, "none")
     >>> cache.put(cache_key(fp), result, fp) is not None, cache.get(cache_key(fp)).cached
@@ -19,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,7 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from autobatch.cachekey import CACHE_FORMAT, cache_key, fingerprint, json_safe
 from autobatch.result import ProbeResult
 
 __all__ = [
@@ -42,13 +43,20 @@ __all__ = [
     "ProbeCache",
     "cache_key",
     "default_cache_dir",
-    "fingerprint",
 ]
+
+CACHE_FORMAT = 1
+"""The layout of a cache file; part of every key, so a new layout never reads an old file."""
 
 ENV_VAR = "AUTOBATCH_CACHE_DIR"
 """The environment variable that overrides the default cache directory."""
 
 _GLOB, _TMP_PREFIX, _TMP_SUFFIX = "probe-*.json", ".probe-", ".tmp"
+
+
+def cache_key(fp: Mapping[str, Any]) -> str:
+    """The SHA-256 hex digest of a JSON-safe fingerprint ``fp`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class AutobatchCacheWarning(UserWarning):
@@ -182,7 +190,7 @@ class ProbeCache:
             "format": CACHE_FORMAT,
             "key": key,
             "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            "fingerprint": json_safe(dict(fingerprint)),
+            "fingerprint": dict(fingerprint),
             "result": replace(result, cached=False).to_dict(),
         }
         text = json.dumps(payload, indent=1, sort_keys=True)

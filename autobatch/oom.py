@@ -190,8 +190,8 @@ def run_shrinking(
         ...     if n > 3:
         ...         raise torch.OutOfMemoryError("too big")
         ...     return n * 10
-        >>> run_shrinking(run, 16, release=lambda: None)
-        (30, 2)
+        >>> run_shrinking(run, 16, release=lambda: None)  # 16, 8 and 4 do not fit; 2 does
+        (20, 2)
     """
     while True:
         failure = None

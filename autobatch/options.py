@@ -7,8 +7,8 @@ it is part of the probe cache's key). From these fields come, with no hand-kept 
 * the keyword signatures of :func:`autobatch.fit`, :func:`autobatch.probe` and :func:`autobatch.try_batch`
   (:func:`entry_point` writes them, and the options part of their docstrings);
 * the checks, run once when the objects are built, before anything is touched;
-* the command line's flags and their help (:mod:`autobatch.cli_args`), the test kit's pass-through of
-  options, the probe cache's key (:mod:`autobatch.cachekey`) and the README's options table
+* the command line's flags and their help (:mod:`autobatch.cli.parser`), the test kit's pass-through of
+  options, the probe cache's key (:mod:`autobatch.fingerprint`) and the README's options table
   (:func:`markdown_table`).
 
 Adding an option is adding one field here; the code that uses its value is the only other change.
@@ -69,7 +69,7 @@ class Cli:
     """How an option appears on the command line: ``--flag`` and the argparse ``type``/``choices``."""
 
     flag: str
-    type: Callable[[str], Any] | None = None
+    type: str | None = None  # "positive_int" or "float": autobatch.cli.parser maps it to a converter
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     inverse: str | None = None  # a bool option whose flag turns it off, e.g. --no-cache
@@ -232,7 +232,7 @@ class StepOptions(_Group):
         None,
         optional(check_positive_number),
         "clip the global gradient norm to this value (after unscaling)",
-        cli=Cli("--grad-clip", type=float, metavar="NORM"),
+        cli=Cli("--grad-clip", type="float", metavar="NORM"),
     )
 
 
@@ -263,15 +263,15 @@ class ProbeOptions(_Group):
     )
     max_batch: int | None = option(
         None, _positive, "never return more than this (tested before it is returned)",
-        cli=Cli("--max-batch", type=int, metavar="N"),
+        cli=Cli("--max-batch", type="positive_int", metavar="N"),
     )  # fmt: skip
     margin: float = option(
         0.0, check_fraction, "a fraction of the exact maximum to leave free (0.1 returns 90 %)",
-        cli=Cli("--margin", type=float, metavar="FRACTION"),
+        cli=Cli("--margin", type="float", metavar="FRACTION"),
     )  # fmt: skip
     multiple_of: int = option(
         1, check_positive_int, "round the micro-batch down to a multiple of this (8 suits tensor cores)",
-        cli=Cli("--multiple-of", type=int, metavar="N"),
+        cli=Cli("--multiple-of", type="positive_int", metavar="N"),
     )  # fmt: skip
     accumulate: bool = option(
         True,
@@ -316,7 +316,7 @@ class TrainOptions(_Group):
 
     target_batch: int = option(
         32, check_positive_int, "the effective batch of every optimizer step, over all ranks",
-        cli=Cli("--target-batch", type=int, metavar="N"),
+        cli=Cli("--target-batch", type="positive_int", metavar="N"),
     )  # fmt: skip
     epochs: int = option(1, check_positive_int, "passes over the data; every sample is seen once per epoch")
     micro_batch: int | None = option(

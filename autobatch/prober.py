@@ -212,7 +212,7 @@ class ProbeStore:
     _RESOLVED = frozenset({"optimizer", "precision", "device", "memory_limit"})
 
     def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any]) -> None:
-        from autobatch.cachekey import cache_key
+        from autobatch.cache import cache_key
 
         self.prober, self.cache, self.fingerprint, self.key = prober, cache, fp, cache_key(fp)
         self.group = prober.session.group
@@ -221,7 +221,7 @@ class ProbeStore:
     def open(cls, prober: Prober, cap: int) -> ProbeStore | None:
         """The store for this probe, or ``None`` with ``cache=False``."""
         from autobatch.cache import ProbeCache
-        from autobatch.cachekey import fingerprint
+        from autobatch.fingerprint import fingerprint
 
         session = prober.session
         options = session.options

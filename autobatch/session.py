@@ -142,6 +142,7 @@ class _Saved:
     model: nn.Module
     devices: list[tuple[torch.Tensor, torch.device]]
     buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    modes: list[tuple[nn.Module, bool]]
     rng: Any
     optimizer: torch.optim.Optimizer | None
     groups: list[dict[str, Any]]
@@ -156,7 +157,8 @@ class _Saved:
         devices = [(t, t.device) for t in [*model.parameters(), *model.buffers()]]
         # Buffers are small and a forward changes them (BatchNorm statistics) before a step can fail.
         buffers = [(b, b.detach().to("cpu", copy=True)) for b in model.buffers()]
-        return cls(model, devices, buffers, rng_state(), optimizer, groups)
+        modes = [(m, m.training) for m in model.modules()]  # the loop puts the model in train mode
+        return cls(model, devices, buffers, modes, rng_state(), optimizer, groups)
 
     def restore(self) -> None:
         places = {device for _, device in self.devices}
@@ -169,6 +171,8 @@ class _Saved:
         with torch.no_grad():
             for buffer, data in self.buffers:
                 buffer.copy_(data)
+        for module, training in self.modes:
+            module.training = training
         restore_rng(self.rng)
         if self.optimizer is not None:
             for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):

@@ -27,8 +27,8 @@ from autobatch.cache import (
     ProbeCache,
     cache_key,
     default_cache_dir,
-    fingerprint,
 )
+from autobatch.fingerprint import fingerprint
 from autobatch.result import ProbeResult
 from autobatch.search import Trial
 
@@ -198,7 +198,7 @@ def test_the_versions_change_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     before = cache_key(setup())
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     after_torch = cache_key(setup())
-    monkeypatch.setattr("autobatch.cachekey.__version__", "0.0.0")
+    monkeypatch.setattr("autobatch.fingerprint.__version__", "0.0.0")
     assert len({before, after_torch, cache_key(setup())}) == 3
 
 

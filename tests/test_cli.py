@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -694,9 +695,11 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_one_epoch_json(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.warns(UserWarning, match="BatchNorm"):
-        code, out, _ = run(capsys, "demo", "--epochs", "1", "--json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the demo explains BatchNorm in words instead of warning
+        code, out, err = run(capsys, "demo", "--epochs", "1", "--json")
     assert code == EXIT_OK
+    assert "About BatchNorm: the CNN normalises each micro-batch" in flat(err)
     result = json.loads(out)
     assert result["schema_version"] == JSON_SCHEMA_VERSION and result["epochs"] == 1
     assert result["plan"]["accumulation_steps"] > 1 and result["plan"]["effective_batch"] == 32

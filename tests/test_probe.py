@@ -277,6 +277,73 @@ def test_state_is_bit_identical_after_probe(scenario: str, optimizer_state: str,
         assert_identical(before, capture(s.model, s.optimizer, s.scaler))
 
 
+class Counting(nn.Module):
+    """An MLP whose forward reassigns a buffer out of place, as ``self.seen = self.seen + n`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = self.seen + x.shape[0]
+        return self.net(x)
+
+
+def test_a_buffer_that_forward_reassigns_is_put_back() -> None:
+    model = Counting()
+    seen = model.seen
+    probe(model, (X32, Y10), memory_limit="1MiB", precision="fp32", cache=False)
+    assert model.seen is seen and int(model.seen) == 0
+    assert dict(model.named_buffers()) == {"seen": seen}
+
+
+def test_pending_gradients_survive_a_probe() -> None:
+    """A user mid-accumulation (gradients of earlier micro-batches pending) can probe in between."""
+    model = MLP()
+    nn.functional.cross_entropy(model(X32[:4]), Y10[:4]).backward()
+    pending = {n: p.grad.clone() for n, p in model.named_parameters()}
+    probe(model, (X32, Y10), memory_limit="1MiB", precision="fp32", cache=False)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, pending[name]), name
+
+
+class Augmenting(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Draws from the global generators on every read, as random augmentation does."""
+
+    def __len__(self) -> int:
+        return len(X32)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        random.random()
+        np.random.rand()
+        return X32[i] + 0.01 * torch.rand(X32.shape[1]), Y10[i]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_reading_samples_does_not_consume_the_generators(cache: bool) -> None:
+    model = MLP()  # its initialisation draws from the generator: made first
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    probe(model, Augmenting(), memory_limit="1MiB", precision="fp32", cache=cache)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert_identical(np.random.get_state(), states[2])
+
+
+def test_a_user_grad_scaler_keeps_its_stage_and_the_optimizer_its_groups() -> None:
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    groups = list(optimizer.param_groups)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(nn.functional.cross_entropy(model(X32[:4]), Y10[:4])).backward()
+    scaler.unscale_(optimizer)  # mid-step: the scaler remembers this optimizer's gradients are unscaled
+    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+    probe(model, (X32, Y10), optimizer=optimizer, scaler=scaler, memory_limit="1MiB", precision="fp32")
+    assert scaler._per_optimizer_states[id(optimizer)]["stage"] is stage
+    assert all(a is b for a, b in zip(optimizer.param_groups, groups, strict=True))
+    scaler.step(optimizer)  # the user's step goes on where it was
+    scaler.update()
+
+
 def test_non_oom_errors_propagate_unchanged() -> None:
     torch.manual_seed(0)
     model = MLP(in_features=31)  # the data has 32 features: a shape error in the first Linear

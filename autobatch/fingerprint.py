@@ -1,11 +1,12 @@
-"""The key of the probe cache: a JSON-safe fingerprint of everything a probe's answer depends on.
+"""What the probe cache's key is made of: a JSON-safe fingerprint of everything a probe's answer depends on.
 
 :func:`fingerprint` describes the setup (model structure, optimizer, precision, device, memory limit, world
-size, sample shapes, dataset size, options, torch and autobatch versions); :func:`cache_key` hashes it.
-Any change gives a new key, so :mod:`autobatch.cache` runs a new probe.
+size, sample shapes, dataset size, options, torch and autobatch versions);
+:func:`autobatch.cache.cache_key` hashes it. Any change gives a new key, so the cache probes again.
 
 Example:
     >>> import torch
+    >>> from autobatch.cache import cache_key
     >>> fp = fingerprint(model=torch.nn.Linear(8, 2), optimizer=None, precision="fp32", device=torch.device(
     ...     "cpu"), memory_limit=None, world_size=1, sample=torch.randn(4, 8), dataset_size=64)
     >>> fp["sample"], len(cache_key(fp))
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import os
 import re
@@ -27,11 +27,9 @@ import torch
 from torch import nn
 
 from autobatch._version import __version__
+from autobatch.cache import CACHE_FORMAT
 
-__all__ = ["CACHE_FORMAT", "cache_key", "fingerprint", "json_safe"]
-
-CACHE_FORMAT = 1
-"""The layout of a cache file; part of every key, so a new layout never reads an old file."""
+__all__ = ["fingerprint", "json_safe"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -160,8 +158,3 @@ def _code_digest(model: nn.Module) -> str:
             source = _qualname(cls)
         digest.update(source.encode())
     return digest.hexdigest()
-
-
-def cache_key(fp: Mapping[str, Any]) -> str:
-    """The SHA-256 hex digest of ``fp`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

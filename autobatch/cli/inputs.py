@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autobatch.cli.spec import SpecError, load_spec
 from autobatch.errors import UsageValueError
-from autobatch.spec import SpecError, load_spec
 
 __all__ = ["build_inputs", "token_loss"]
 

@@ -1,0 +1,137 @@
+"""``autobatch probe MODEL``: the largest micro-batch of a model, for people (a table) or CI (``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from autobatch.cli.io import Streams, console
+from autobatch.cli.parser import flag_fields
+from autobatch.planner import Plan, plan, uniform_plan
+
+__all__ = ["probe_payload", "run"]
+
+
+def _optimizer(name: str, model: Any) -> Any:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _plans(args: argparse.Namespace, micro: int) -> tuple[Plan | None, dict[str, int] | None]:
+    target = args.target_batch if args.target_batch is not None else micro * args.world_size
+    if args.target_batch is None and args.format == "text":
+        return None, None
+    training = plan(micro, target, args.world_size)
+    config = (
+        uniform_plan(micro, target, args.world_size).to_config(args.format) if args.format != "text" else None
+    )
+    return (training if args.target_batch is not None else None), config
+
+
+def _progress(err: Any, enabled: bool) -> tuple[Any, Callable[[Any], None] | None]:
+    """A spinner on stderr that names each trial as it completes (only on a terminal)."""
+    if not enabled or not err.is_terminal:
+        return None, None
+    status = err.status("probing: warm-up step …")
+
+    def on_trial(trial: Any) -> None:
+        outcome = "fits" if trial.fitted else "[red]OOM[/]"
+        status.update(f"probing: batch {trial.batch} {outcome} · next trial …")
+
+    return status, on_trial
+
+
+def _options(args: argparse.Namespace, factory: dict[str, Any], model: Any, device: Any) -> dict[str, Any]:
+    """The probe's options: flags given on the command line, then the factory's dict, then defaults."""
+    flags = {f.name: getattr(args, f.name) for f in flag_fields("probe") if getattr(args, f.name) is not None}
+    options = {**factory, **flags, "device": device}
+    if args.optimizer is not None or "optimizer" not in options:
+        options["optimizer"] = _optimizer(args.optimizer or "adamw", model)
+    return options
+
+
+def run(args: argparse.Namespace, streams: Streams) -> int:
+    """Probe, render the result, and exit 3 when it is below ``--min-batch``."""
+    from autobatch.api import probe
+    from autobatch.cli.inputs import build_inputs
+    from autobatch.session import check_device_available, default_device
+    from autobatch.validate import check_device
+
+    if args.target_batch is not None:
+        plan(1, args.target_batch, args.world_size)  # an indivisible target fails before the probe runs
+    model, data, factory = build_inputs(args)
+    device = (
+        check_device_available(check_device(args.device, "device"), args.device)
+        if args.device
+        else default_device()
+    )
+    model.to(device)
+    options = _options(args, factory, model, device)
+    err = console(streams.stderr)
+    status, on_trial = _progress(err, not args.no_progress)
+    if status is not None:
+        status.start()
+    try:
+        result = probe(model, data, on_trial=on_trial, **options)
+    finally:
+        if status is not None:
+            status.stop()
+    training, config = _plans(args, result.micro_batch)
+    below = args.min_batch is not None and result.micro_batch < args.min_batch
+    shortfall = f"micro-batch {result.micro_batch} is below --min-batch {args.min_batch}" if below else None
+
+    human = console(streams.people)
+    human.print(result)
+    if training is not None:
+        human.print(f"[bold]plan[/]: {training.describe()}", highlight=False)
+    if config is not None:
+        human.print(
+            f"[bold]{args.format} settings[/] (equal micro-batches): {json.dumps(config)}", highlight=False
+        )
+    if shortfall:
+        err.print(f"[red]{shortfall}[/]", highlight=False)
+    if args.json:
+        payload = probe_payload(result, training, config, args)
+        payload.update(
+            ok=not below,
+            exit_code=3 if below else 0,
+            error_kind="below --min-batch" if below else None,
+            error=shortfall,
+        )
+        streams.write_json(payload)
+    elif config is not None:
+        streams.write_json(config)
+    return 3 if below else 0
+
+
+def probe_payload(
+    result: Any, training: Plan | None, config: dict[str, int] | None, args: Any
+) -> dict[str, Any]:
+    """The ``--json`` object of a probe that ran."""
+    import torch
+
+    from autobatch._version import __version__
+    from autobatch.cli import JSON_SCHEMA_VERSION
+
+    data = result.to_dict()
+    fixed, per_sample = data.pop("fixed_bytes"), data.pop("bytes_per_sample")
+    data["memory_model"] = (
+        None if per_sample is None else {"fixed_bytes": fixed, "bytes_per_sample": per_sample}
+    )
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "autobatch_version": __version__,
+        "torch_version": torch.__version__,
+        **data,
+        "min_batch": args.min_batch,
+        "plan": training.to_dict() if training is not None else None,
+        "config": {args.format: config} if config is not None else None,
+    }
