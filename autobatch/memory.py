@@ -165,12 +165,20 @@ class DeviceMemory:
             torch.cuda.set_per_process_memory_fraction(previous, index)
 
     @contextlib.contextmanager
-    def measure(self, resident: Iterable[torch.Tensor] = ()) -> Iterator[Measurement]:
-        """Measure the block's peak (and, emulated, enforce the limit); ``resident`` counts from the start."""
+    def measure(
+        self, resident: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] = ()
+    ) -> Iterator[Measurement]:
+        """Measure the block's peak (and, emulated, enforce the limit).
+
+        Args:
+            resident: the tensors already on the device, which count from the start (or a function that
+                lists them, called only where they are counted: on an emulated device).
+        """
         result = Measurement()
         if self.emulated:
             assert self.limit is not None
-            emulator = EmulatedDevice(self.limit, resident, device=self.device)
+            tensors = resident() if callable(resident) else resident
+            emulator = EmulatedDevice(self.limit, tensors, device=self.device)
             try:
                 with emulator:
                     result.resident_bytes = emulator.resident_bytes

@@ -105,7 +105,7 @@ def run_step(
     Raises:
         Whatever a rank raised that was not an out-of-memory, on that rank; PeerError on the others.
     """
-    with stepper.memory.measure(stepper.state_tensors()) as measured:
+    with stepper.memory.measure(stepper.state_tensors) as measured:
         status, failure = OK, None
         try:
             parts = pieces()
@@ -230,7 +230,7 @@ class _Guard:
         self.params = [(p, p._version) for p in stepper.trainable]
         self.grads = [(p, p.grad._version) for p in stepper.trainable if p.grad is not None]
         self.stages = (stepper.unscaled, stepper.clipped)
-        self.state = {p: {k: _version_of(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
+        self.state = {p: [(k, _version_of(v)) for k, v in s.items()] for p, s in self.optimizer.state.items()}
 
     def touched(self) -> bool:
         if not self.exact or any(p._version != v for p, v in self.params):
@@ -245,7 +245,7 @@ class _Guard:
                 if isinstance(step, torch.Tensor) and float(step) != 0:
                     return True
                 continue
-            if any(k in before and _version_of(v) != before[k] for k, v in state.items()):
+            if any(key not in state or _version_of(state[key]) != version for key, version in before):
                 return True
         return False
 
@@ -256,9 +256,11 @@ class _Guard:
             if before is None:
                 del self.optimizer.state[param]
             else:
-                for key in [k for k in self.optimizer.state[param] if k not in before]:
+                keys = {key for key, _ in before}
+                for key in [k for k in self.optimizer.state[param] if k not in keys]:
                     del self.optimizer.state[param][key]
 
 
 def _version_of(value: Any) -> Any:
-    return ("tensor", value._version) if isinstance(value, torch.Tensor) else ("value", repr(value))
+    """A tensor's version counter; any other value itself (compared by equality)."""
+    return value._version if isinstance(value, torch.Tensor) else (type(value), value)
