@@ -7,6 +7,7 @@ by all three, the command line, the test kit and the probe cache's key.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -143,9 +144,16 @@ def _probe(session: Session, cap: int | None = None) -> ProbeResult:
     with prober.restoring():
         store = ProbeStore.open(prober, cap)  # reads samples: inside the snapshot
         hit = store.lookup() if store is not None else None
-        if hit is not None:
-            logger.info("probe: %s", hit.summary())
-            return hit
+        if hit is not None and store is not None:
+            # Trust, but verify: a stale entry costs one trial, never a wrong answer.
+            if prober.verify(hit.micro_batch):
+                hit = dataclasses.replace(hit, verified=True)
+                logger.info("probe: %s", hit.summary())
+                return hit
+            logger.warning(
+                "probe: the cached micro-batch %d does not fit any more; probing again", hit.micro_batch
+            )
+            store.drop()
         result = prober.search(cap)
     logger.info("probe: %s", result.summary())
     if store is not None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.result import ProbeResult
 
 __all__ = [
@@ -104,6 +106,58 @@ class _Corrupt(Exception):
     """A cache file that exists but cannot be used."""
 
 
+MAX_FILE_BYTES = 1 << 20
+"""A cache file larger than this is not one autobatch wrote (one holds a few KiB): it is not read."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at ``path`` (at most :data:`MAX_FILE_BYTES`).
+
+    A FIFO, a device (a symlink to ``/dev/zero``, say), a directory or an oversized file is refused without
+    being read, so no command can hang or fill memory on a hostile cache directory.
+
+    Raises:
+        FileNotFoundError: nothing is there (the directory may not exist yet): a plain miss.
+        _Corrupt: something is there, but not a cache file that can be read.
+    """
+    try:
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise _Corrupt("not a regular file")
+        if before.st_size > MAX_FILE_BYTES:
+            raise _Corrupt(f"{before.st_size} bytes, more than a cache file holds ({MAX_FILE_BYTES})")
+        # Non-blocking: were the file swapped for a FIFO after the stat, opening it could wait forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Corrupt("not a regular file")
+        chunks, total = [], 0
+        while total <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > MAX_FILE_BYTES:
+            raise _Corrupt(f"more than a cache file holds ({MAX_FILE_BYTES} bytes)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (as ``open`` would create it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class ProbeCache:
     """Probe results on disk, one JSON file per key, in ``directory``.
 
@@ -119,12 +173,12 @@ class ProbeCache:
         if directory is None:
             directory = default_cache_dir()
         elif not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(
+            raise UsageTypeError(
                 f"Expected `cache_dir` to be a directory path (str or os.PathLike) or None, but got "
                 f"{directory!r} ({type(directory).__name__})."
             )
         elif directory == "":
-            raise ValueError(
+            raise UsageValueError(
                 "Expected `cache_dir` to be a directory path, but got ''; pass None for default."
             )
         self.directory = Path(directory).expanduser()
@@ -133,17 +187,12 @@ class ProbeCache:
     def path_for(self, key: str) -> Path:
         """The file that holds ``key``'s result."""
         if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{40,}", key):
-            raise ValueError(f"Expected `key` to be a hex digest from cache_key(), but got {key!r}.")
+            raise UsageValueError(f"Expected `key` to be a hex digest from cache_key(), but got {key!r}.")
         return self.directory / f"probe-{key[:40]}.json"
 
     def _load(self, path: Path) -> tuple[dict[str, Any], ProbeResult, int]:
         """The file's JSON, its result and its size; raises FileNotFoundError when absent, else _Corrupt."""
-        try:
-            raw = path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise  # absent (the directory may not exist yet): a plain miss
-        except OSError as exc:
-            raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
+        raw = _read_regular(path)
         try:
             data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict):
@@ -154,6 +203,9 @@ class ProbeCache:
                 raise TypeError("`key` or `fingerprint` has the wrong type")
             _when(data["created"])
             result = ProbeResult.from_dict(data["result"])
+            size = data["fingerprint"].get("dataset_size")
+            if isinstance(size, int) and not isinstance(size, bool) and result.max_fitting_batch > size:
+                raise ValueError(f"a largest fitting batch of {result.max_fitting_batch} in {size} samples")
         except (KeyError, TypeError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
             raise _Corrupt(f"not a valid cache file ({type(exc).__name__}: {exc})") from exc
         return data, result, len(raw)
@@ -181,17 +233,22 @@ class ProbeCache:
             return None
         return replace(result, cached=True)
 
+    def drop(self, key: str) -> None:
+        """Delete ``key``'s result (it failed its verification): the next probe stores a fresh one."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+            self.path_for(key).unlink()
+
     def put(self, key: str, result: ProbeResult, fingerprint: Mapping[str, Any]) -> Path | None:
         """Store ``result`` (as uncached) for ``key`` atomically; the path, or ``None`` if it could not."""
         if not isinstance(result, ProbeResult):
-            raise TypeError(f"Expected `result` to be a ProbeResult, but got {type(result).__name__}.")
+            raise UsageTypeError(f"Expected `result` to be a ProbeResult, but got {type(result).__name__}.")
         path = self.path_for(key)
         payload = {
             "format": CACHE_FORMAT,
             "key": key,
             "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "fingerprint": dict(fingerprint),
-            "result": replace(result, cached=False).to_dict(),
+            "result": replace(result, cached=False, verified=False).to_dict(),
         }
         text = json.dumps(payload, indent=1, sort_keys=True)
         tmp: str | None = None
@@ -200,7 +257,7 @@ class ProbeCache:
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 if hasattr(os, "fchmod"):
-                    os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide a shared cache from others
+                    os.fchmod(f.fileno(), _file_mode())  # mkstemp's 0600 ignores the umask
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
@@ -258,7 +315,8 @@ class ProbeCache:
         removed = 0
         for pattern in (_GLOB, f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
             for path in self.directory.glob(pattern):
-                with contextlib.suppress(FileNotFoundError):  # a concurrent clear() got there first
+                # Gone already (a concurrent clear()), or not a file autobatch wrote (a directory): skipped.
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
                     path.unlink()
                     if pattern == _GLOB:
                         removed += 1

@@ -15,11 +15,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from autobatch._version import __version__
 from autobatch.cache import CACHE_FORMAT
+from autobatch.codehash import code_digest, is_library
 
 __all__ = ["fingerprint", "json_safe"]
 
@@ -42,7 +42,7 @@ def _qualname(obj: Any) -> str:
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with only JSON types, stable across runs: callables by name, the rest by repr."""
+    """``value`` with only JSON types, stable across runs: callables by their code, the rest by repr."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -54,7 +54,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (torch.device, torch.dtype)):
         return str(value)
     if callable(value):
-        return _qualname(value)
+        return {"callable": _qualname(value), "code": code_digest(value)}
     return _ADDRESS.sub("", repr(value))  # an object's address changes every run
 
 
@@ -112,25 +112,21 @@ def fingerprint(
         raise TypeError(
             f"Expected `optimizer` to be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}."
         )
-    opt = None
-    if optimizer is not None:
-        defaults = {
-            k: v for k, v in optimizer.defaults.items() if k != "lr" and not isinstance(v, torch.Tensor)
-        }
-        opt = {"type": _qualname(type(optimizer)), "defaults": json_safe(dict(sorted(defaults.items())))}
     return {
         "format": CACHE_FORMAT,
         "autobatch": __version__,
         "torch": str(torch.__version__),
+        "python": sys.version.split()[0],  # bytecode differs between Python versions
         "model": {
             "modules": [[name, _qualname(type(m))] for name, m in model.named_modules()],
             "parameters": [
                 [name, list(p.shape), str(p.dtype), p.requires_grad] for name, p in model.named_parameters()
             ],
             "buffers": [[name, list(b.shape), str(b.dtype)] for name, b in model.named_buffers()],
-            "code": _code_digest(model),
+            "attributes": _plain_attributes(model),
+            "code": code_digest(*sorted({type(m) for m in model.modules()}, key=_qualname)),
         },
-        "optimizer": opt,
+        "optimizer": _optimizer(model, optimizer) if optimizer is not None else None,
         "precision": str(precision),
         "device": _device_info(torch.device(device)),
         "memory_limit": memory_limit,
@@ -141,20 +137,33 @@ def fingerprint(
     }
 
 
-def _code_digest(model: nn.Module) -> str:
-    """A digest of the source of every module class in ``model`` that is not PyTorch's own.
+_PLAIN = (bool, int, float, str, type(None))
+_NOT_STATE = frozenset({"training"})
 
-    An edited ``forward`` (gradient checkpointing switched on, a longer context) changes the memory a
-    step takes without changing a single parameter shape: it must change the key too. Classes whose
-    source cannot be read (built in C, defined in a REPL) count by name only.
-    """
-    digest = hashlib.sha256()
-    for cls in sorted({type(m) for m in model.modules()}, key=_qualname):
-        if cls.__module__.split(".")[0] == "torch":
-            continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            source = _qualname(cls)
-        digest.update(source.encode())
-    return digest.hexdigest()
+
+def _plain_attributes(model: nn.Module) -> list[list[Any]]:
+    """Every module's plain public attributes (a copy count, a flag): they steer what forward does."""
+    found = []
+    for name, module in model.named_modules():
+        for key, value in sorted(vars(module).items()):
+            if key.startswith("_") or key in _NOT_STATE:
+                continue
+            plain = isinstance(value, _PLAIN) or (
+                isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+            )
+            if plain:
+                found.append([name, key, json_safe(value)])
+    return found
+
+
+def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's type (its code, when it is the user's), settings, and which parameters it holds."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+        held = [names.get(id(p), f"<{list(p.shape)}>") for p in group["params"]]
+        groups.append({"params": held, "settings": json_safe(dict(sorted(settings.items())))})
+    kind = type(optimizer)
+    code = None if is_library(kind.__module__) else code_digest(kind)
+    return {"type": _qualname(kind), "code": code, "groups": groups}

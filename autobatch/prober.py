@@ -127,6 +127,17 @@ class Prober:
             else:
                 yield True
 
+    def verify(self, micro_batch: int) -> bool:
+        """Whether ``micro_batch`` fits one steady-state step now: a cached answer is never used untested."""
+        with self.warm() as warm:
+            if not warm:
+                return False
+            try:
+                self.trial(micro_batch)
+            except OutOfMemory:
+                return False
+        return True
+
     def search(self, cap: int) -> ProbeResult:
         """The search up to ``cap``, from a warm state; raises NoBatchFitsError when nothing fits."""
         started = time.perf_counter()
@@ -257,3 +268,8 @@ class ProbeStore:
     def save(self, result: ProbeResult) -> None:
         if self._main:
             self.cache.put(self.key, result, self.fingerprint)
+
+    def drop(self) -> None:
+        """Forget this setup's stored result (rank 0 deletes it): it failed its verification."""
+        if self._main:
+            self.cache.drop(self.key)

@@ -5,6 +5,7 @@ Imports no torch: the command line reads cached results without loading it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -43,6 +44,8 @@ class ProbeResult:
         multiple_of: the rounding applied.
         seconds: wall time of the probe.
         cached: whether the result came from the on-disk probe cache instead of a probe run.
+        verified: a cached result whose micro-batch fitted one steady-state training step in this call
+            (a cached micro-batch is never used untested).
     """
 
     micro_batch: int
@@ -63,6 +66,7 @@ class ProbeResult:
     multiple_of: int = 1
     seconds: float = 0.0
     cached: bool = False
+    verified: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (trials as dicts)."""
@@ -70,12 +74,12 @@ class ProbeResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
-        """The result :meth:`to_dict` returned ``data`` for (trials rebuilt as :class:`Trial`).
+        """The result :meth:`to_dict` returned ``data`` for, every field checked (a cache file is input).
 
         Raises:
             TypeError: ``data`` is not a mapping, has unknown fields, or a field has the wrong type.
             KeyError: a required field is missing.
-            ValueError: ``micro_batch`` or ``max_fitting_batch`` is not positive.
+            ValueError: a field is out of range (``micro_batch`` above ``max_fitting_batch``, say).
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"Expected `data` to be a mapping, but got {type(data).__name__}.")
@@ -84,14 +88,24 @@ class ProbeResult:
             raise TypeError(f"Expected `data` to hold ProbeResult fields, but got unknown {sorted(unknown)}.")
         values = dict(data)
         for name in ("micro_batch", "max_fitting_batch"):
-            value = values[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}.")
-            if value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive int, but got {value}.")
+            values[name]  # a KeyError names a missing required field
+        for name, kind in _RESULT_FIELDS.items():
+            if name in values:
+                _check_field(name, values[name], kind)
+        if values["micro_batch"] > values["max_fitting_batch"]:
+            raise ValueError(
+                f"Expected `micro_batch` ≤ `max_fitting_batch`, but got {values['micro_batch']} > "
+                f"{values['max_fitting_batch']}."
+            )
+        failure = values.get("first_failure")
+        if failure is not None and failure <= values["max_fitting_batch"]:
+            raise ValueError(f"Expected `first_failure` above `max_fitting_batch`, but got {failure}.")
         trials = values.get("trials", [])
-        if not isinstance(trials, list):
-            raise TypeError(f"Expected `trials` to be a list, but got {type(trials).__name__}.")
+        if not isinstance(trials, list) or not all(isinstance(t, Mapping) for t in trials):
+            raise TypeError(f"Expected `trials` to be a list of objects, but got {type(trials).__name__}.")
+        for trial in trials:
+            for name, kind in _TRIAL_FIELDS.items():
+                _check_field(f"trials[].{name}", trial.get(name) if name in trial else _MISSING, kind)
         values["trials"] = [Trial(**trial) for trial in trials]
         return cls(**values)
 
@@ -105,15 +119,20 @@ class ProbeResult:
             f"micro-batch {self.micro_batch} (largest fitting {self.max_fitting_batch}, {why}) on "
             f"{self.device} in {self.precision}, {self.optimizer_steps} steps, {self.ooms} OOM"
             + ("s" if self.ooms != 1 else "")
-            + (" (cached)" if self.cached else "")
+            + (self._cached_note() if self.cached else "")
         )
+
+    def _cached_note(self) -> str:
+        return " (from the probe cache, verified)" if self.verified else " (from the probe cache)"
 
     def __rich__(self) -> Any:
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
 
-        title = f"autobatch probe: micro-batch {self.micro_batch}" + (" (cached)" if self.cached else "")
+        title = f"autobatch probe: micro-batch {self.micro_batch}" + (
+            self._cached_note() if self.cached else ""
+        )
         table = Table()
         table.add_column("batch", justify="right")
         table.add_column("fits")
@@ -175,6 +194,70 @@ class EvalReport:
             "batch_size": self.batch_size,
             "report": self.report,
         }
+
+
+_MISSING = object()
+_RESULT_FIELDS = {
+    "micro_batch": "positive int",
+    "max_fitting_batch": "positive int",
+    "first_failure": "positive int or None",
+    "capped_by": "capped_by",
+    "device": "str",
+    "precision": "precision",
+    "memory_limit": "positive int or None",
+    "limit_kind": "str",
+    "fixed_bytes": "number or None",
+    "bytes_per_sample": "number or None",
+    "model_state_bytes": "count or None",
+    "optimizer_steps": "count",
+    "ooms": "count",
+    "margin": "fraction",
+    "multiple_of": "positive int",
+    "seconds": "duration",
+    "cached": "bool",
+    "verified": "bool",
+}
+_TRIAL_FIELDS = {
+    "batch": "positive int",
+    "fitted": "bool",
+    "peak_bytes": "count or None",
+    "seconds": "duration",
+    "backward_peak_bytes": "count or None",
+}
+_BOUND = 2**53
+"""Counts and sizes above this are not a probe's (JSON numbers lose integer precision there)."""
+
+
+def _check_field(name: str, value: Any, kind: str) -> None:
+    """Raise TypeError/ValueError unless ``value`` is of ``kind`` (a field of a stored result)."""
+    if value is _MISSING:
+        if kind.endswith("or None"):
+            return
+        raise KeyError(name)
+    if value is None and kind.endswith("or None"):
+        return
+    base = kind.removesuffix(" or None")
+    if base in ("positive int", "count"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__}.")
+        if not (1 if base == "positive int" else 0) <= value < _BOUND:
+            raise ValueError(f"Expected `{name}` to be a {base} below 2**53, but got {value}.")
+    elif base in ("number", "duration", "fraction"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+        if (base == "duration" and value < 0) or (base == "fraction" and not 0 <= value < 1):
+            raise ValueError(f"Expected `{name}` to be a {base}, but got {value!r}.")
+    elif base == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"Expected `{name}` to be a bool, but got {type(value).__name__}.")
+    elif base == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"Expected `{name}` to be a str, but got {type(value).__name__}.")
+    elif base == "precision":
+        if value not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"Expected `{name}` to be 'fp16', 'bf16' or 'fp32', but got {value!r}.")
+    elif base == "capped_by" and value not in (None, "max_batch", "dataset"):
+        raise ValueError(f"Expected `{name}` to be 'max_batch', 'dataset' or None, but got {value!r}.")
 
 
 @dataclass(frozen=True)

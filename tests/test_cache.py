@@ -6,7 +6,10 @@ import io
 import json
 import multiprocessing
 import os
+import stat
+import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,12 +26,14 @@ import autobatch
 from autobatch.cache import (
     CACHE_FORMAT,
     ENV_VAR,
+    MAX_FILE_BYTES,
     AutobatchCacheWarning,
     ProbeCache,
     cache_key,
     default_cache_dir,
 )
 from autobatch.fingerprint import fingerprint
+from autobatch.prober import Prober
 from autobatch.result import ProbeResult
 from autobatch.search import Trial
 
@@ -100,6 +105,7 @@ def one_warning(action: Callable[[], Any]) -> Any:
         warnings.simplefilter("always")
         out = action()
     assert [w.category for w in caught] == [AutobatchCacheWarning], [str(w.message) for w in caught]
+    one_warning.last = str(caught[0].message)  # type: ignore[attr-defined]
     return out
 
 
@@ -110,7 +116,7 @@ def test_round_trip_of_a_real_probe(no_warnings: None) -> None:
     torch.manual_seed(0)
     X, y = torch.randn(256, 8), torch.randint(0, 2, (256,))
     result = autobatch.probe(mlp(), (X, y), memory_limit="256KiB", precision="fp32", device="cpu")
-    fp = setup()
+    fp = setup(dataset_size=256)
     cache = ProbeCache()
     path = cache.put(cache_key(fp), result, fp)
     assert path == cache.path_for(cache_key(fp)) and path.is_file()
@@ -118,7 +124,7 @@ def test_round_trip_of_a_real_probe(no_warnings: None) -> None:
     loaded = cache.get(cache_key(fp))
     assert loaded == replace(result, cached=True)
     assert all(isinstance(t, Trial) for t in loaded.trials)
-    assert loaded.summary().endswith(" (cached)") and not result.summary().endswith("(cached)")
+    assert loaded.summary().endswith(" (from the probe cache)") and "cache" not in result.summary()
 
 
 def test_put_stores_the_uncached_result(no_warnings: None) -> None:
@@ -222,7 +228,7 @@ def test_the_fingerprint_is_json_and_stable() -> None:
     assert cache_key(fp) == cache_key(
         setup(options={"fn": lambda x: x, "obj": Weird(), "nan": float("nan"), "dtype": torch.bfloat16})
     )
-    assert fp["options"]["fn"].endswith("<lambda>") and "0x" not in fp["options"]["obj"]
+    assert fp["options"]["fn"]["callable"].endswith("<lambda>") and "0x" not in fp["options"]["obj"]
     assert fp["device"]["type"] == "cpu" and fp["model"]["modules"][0][0] == ""
 
 
@@ -365,7 +371,7 @@ def _writer(directory: str, key: str, fp: dict[str, Any], worker: int, puts: int
 
 def test_concurrent_writers_never_leave_a_partial_file(tmp_path: Path) -> None:
     workers, puts = 4, 50
-    directory, fp = tmp_path / "shared", setup()
+    directory, fp = tmp_path / "shared", setup(dataset_size=workers * puts)
     key = cache_key(fp)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -464,16 +470,16 @@ def test_probe_result_from_dict_refuses_malformed_data(data: Any, error: type[Ex
 def test_a_cached_result_says_so_in_the_summary_and_the_table() -> None:
     from rich.console import Console
 
-    result = replace(made_result(), cached=True)
-    assert result.summary().endswith("1 OOM (cached)")
+    result = replace(made_result(), cached=True, verified=True)
+    assert result.summary().endswith("1 OOM (from the probe cache, verified)")
 
     def rendered(r: ProbeResult) -> str:
         console = Console(file=io.StringIO(), width=120)
         console.print(r)
         return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]
 
-    assert "autobatch probe: micro-batch 8 (cached)" in rendered(result)
-    assert "(cached)" not in rendered(made_result())
+    assert "autobatch probe: micro-batch 8 (from the probe cache, verified)" in rendered(result)
+    assert "cache" not in rendered(made_result())
 
 
 # -- probe and fit read and write the cache ------------------------------------------------------------
@@ -484,20 +490,24 @@ def _data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 8, generator=g), torch.randint(0, 2, (n,), generator=g)
 
 
-def test_probe_reuses_its_cached_result_without_running_a_step(
+def test_probe_reuses_its_cached_result_after_one_verifying_step(
     monkeypatch: pytest.MonkeyPatch, no_warnings: None
 ) -> None:
     model, data = mlp(), _data()
     first = autobatch.probe(model, data, memory_limit="64KiB", precision="fp32", device="cpu")
-    assert first.cached is False and len(ProbeCache().entries()) == 1
+    assert first.cached is False and first.verified is False and len(ProbeCache().entries()) == 1
+    tried: list[int] = []
+    real = Prober.trial
 
-    def no_steps(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a cached probe must not run a training step")
+    def trial(self: Prober, batch_size: int) -> Any:
+        tried.append(batch_size)
+        return real(self, batch_size)
 
-    monkeypatch.setattr("autobatch.prober.Prober.trial", no_steps)
+    monkeypatch.setattr(Prober, "trial", trial)
     second = autobatch.probe(mlp(), data, memory_limit="64KiB", precision="fp32", device="cpu")
-    assert second.cached is True
-    assert replace(second, cached=False) == first
+    assert second.cached is True and second.verified is True
+    assert tried == [1, first.micro_batch]  # the warm-up, then one step at the cached micro-batch
+    assert replace(second, cached=False, verified=False) == first
 
 
 def test_probe_cache_false_neither_reads_nor_writes(tmp_path: Path) -> None:
@@ -564,3 +574,267 @@ def test_the_key_changes_when_a_module_s_code_changes(
     module = importlib.reload(module)
     assert cache_key(setup(model=module.Net(8, 2))) != before
     monkeypatch.delitem(sys.modules, "autobatch_cache_netmod")
+
+
+# -- stale keys: every change that changes a step's memory gives the right micro-batch next time ---------
+
+
+def _probe(model: nn.Module, **options: Any) -> ProbeResult:
+    options = {"memory_limit": "96KiB", "precision": "fp32", "device": "cpu", **options}
+    return autobatch.probe(model, _data(512), **options)
+
+
+def _fresh(model: nn.Module, **options: Any) -> int:
+    return _probe(model, cache=False, **options).micro_batch
+
+
+def _module(tmp_path: Path, name: str, source: str) -> Any:
+    """Import ``source`` as module ``name`` from ``tmp_path`` (again: a fresh module object each time)."""
+    import importlib
+
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+HELPER = """
+    import torch
+    from torch import nn
+
+    def widen(x):
+        return {body}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(8, 64), nn.Linear(64, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(widen(x))))[: x.shape[0]]
+"""
+
+
+def test_an_edited_helper_function_of_the_model_is_probed_again(tmp_path: Path) -> None:
+    light = _module(tmp_path, "stale_helper", HELPER.format(body="x"))
+    first = _probe(light.Net())
+    assert _probe(light.Net()).cached  # unchanged: served from the cache
+    heavy = _module(tmp_path, "stale_helper", HELPER.format(body="torch.cat([x] * 4)"))
+    second = _probe(heavy.Net())
+    assert len(ProbeCache().entries()) == 2  # a new key, not a stale entry caught by its verification
+    assert second.cached is False and second.micro_batch == _fresh(heavy.Net()) < first.micro_batch
+
+
+def _stacked(repeat: int) -> Any:
+    return lambda out, y: F.cross_entropy(out, y) + 0 * out.repeat(1, repeat).square().mean()
+
+
+def test_an_edited_lambda_is_probed_again() -> None:
+    first = _probe(mlp(64), loss_fn=lambda out, y: F.cross_entropy(out, y))
+    assert _probe(mlp(64), loss_fn=lambda out, y: F.cross_entropy(out, y)).cached  # the same code
+    heavy = lambda out, y: F.cross_entropy(out, y) + 0 * out.repeat(1, 256).square().mean()  # noqa: E731
+    second = _probe(mlp(64), loss_fn=heavy)
+    assert len(ProbeCache().entries()) == 2  # a new key, not a stale entry caught by its verification
+    assert second.cached is False and second.micro_batch == _fresh(mlp(64), loss_fn=heavy) < first.micro_batch
+    # The same code with another captured value is another step too.
+    assert _probe(mlp(64), loss_fn=_stacked(2)).micro_batch == _fresh(mlp(64), loss_fn=_stacked(2))
+    assert _probe(mlp(64), loss_fn=_stacked(256)).micro_batch == _fresh(mlp(64), loss_fn=_stacked(256))
+
+
+def test_an_edited_named_loss_is_probed_again(tmp_path: Path) -> None:
+    source = "import torch\nimport torch.nn.functional as F\n\ndef loss(out, y):\n    return {body}\n"
+    light = _module(tmp_path, "stale_loss", source.format(body="F.cross_entropy(out, y)"))
+    first = _probe(mlp(64), loss_fn=light.loss)
+    heavy_body = "F.cross_entropy(out, y) + 0 * out.repeat(1, 256).square().mean()"
+    heavy = _module(tmp_path, "stale_loss", source.format(body=heavy_body))
+    second = _probe(mlp(64), loss_fn=heavy.loss)
+    assert len(ProbeCache().entries()) == 2  # a new key, not a stale entry caught by its verification
+    assert heavy.loss.__qualname__ == light.loss.__qualname__  # the same name: only the code differs
+    assert (
+        second.cached is False
+        and second.micro_batch == _fresh(mlp(64), loss_fn=heavy.loss) < first.micro_batch
+    )
+
+
+class Copies(nn.Module):
+    """Runs its input through the network ``copies`` times: a plain attribute that changes memory."""
+
+    def __init__(self, copies: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.copies = copies
+        self.net = mlp(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x] * self.copies))[: x.shape[0]]
+
+
+def test_a_changed_module_attribute_is_probed_again() -> None:
+    first = _probe(Copies(1))
+    second = _probe(Copies(4))
+    assert len(ProbeCache().entries()) == 2  # a new key, not a stale entry caught by its verification
+    assert second.cached is False and second.micro_batch == _fresh(Copies(4)) < first.micro_batch
+
+
+def test_an_optimizer_holding_fewer_parameters_is_probed_again() -> None:
+    model = mlp(64)
+    everything = torch.optim.Adam(model.parameters())
+    first = _probe(model, optimizer=everything)
+    head_only = torch.optim.Adam(model[2].parameters())  # less optimizer state: more samples fit
+    second = _probe(model, optimizer=head_only)
+    assert second.cached is False
+    assert (
+        second.micro_batch
+        == _fresh(model, optimizer=torch.optim.Adam(model[2].parameters()))
+        > first.micro_batch
+    )
+
+
+CLASS_IN_C = """
+import json, sys, torch
+import autobatch
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 64), nn.Linear(64, 2)
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.cat([x] * COPIES))))[: x.shape[0]]
+g = torch.Generator().manual_seed(0)
+data = torch.randn(512, 8, generator=g), torch.randint(0, 2, (512,), generator=g)
+options = dict(memory_limit="96KiB", precision="fp32", device="cpu", cache=sys.argv[1] == "1")
+r = autobatch.probe(Net(), data, **options)
+print(json.dumps([r.micro_batch, r.cached]))
+"""
+
+
+def test_a_class_with_no_source_file_is_keyed_by_its_bytecode(tmp_path: Path) -> None:
+    """Classes defined in ``python -c`` (or a notebook) have no source to read, and still have code."""
+
+    def run(copies: int, cache: bool = True) -> list[Any]:
+        code = CLASS_IN_C.replace("COPIES", str(copies))
+        env = {**os.environ, "AUTOBATCH_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", code, "1" if cache else "0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    light = run(1)
+    assert run(1) == [light[0], True]
+    heavy = run(4)
+    assert heavy == [run(4, cache=False)[0], False] and heavy[0] < light[0]
+
+
+def test_a_stale_entry_that_no_longer_fits_costs_one_trial_not_a_wrong_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = _probe(mlp(64))
+    (entry,) = ProbeCache().entries()
+    data = json.loads(entry.path.read_text())
+    data["result"]["micro_batch"] = data["result"]["max_fitting_batch"] = 500  # what no longer fits
+    data["result"]["first_failure"] = 501
+    entry.path.write_text(json.dumps(data))
+    again = _probe(mlp(64))
+    assert again.cached is False and again.micro_batch == first.micro_batch
+    assert json.loads(entry.path.read_text())["result"]["micro_batch"] == first.micro_batch  # rewritten
+
+
+# -- files that are not what they seem -----------------------------------------------------------------
+
+
+def _entry_path(cache: ProbeCache) -> Path:
+    return cache.path_for(cache_key(setup()))
+
+
+def test_a_fifo_named_like_an_entry_is_never_opened() -> None:
+    cache = ProbeCache()
+    cache.directory.mkdir(parents=True)
+    os.mkfifo(_entry_path(cache))  # opening it for reading would block until a writer comes
+    assert one_warning(lambda: cache.get(cache_key(setup()))) is None
+    assert "not a regular file" in str(one_warning.last)  # type: ignore[attr-defined]
+    assert one_warning(cache.entries) == []
+    assert cache.put(cache_key(setup()), made_result(), setup()) is not None  # replaced by a real entry
+    assert cache.get(cache_key(setup())) is not None
+
+
+def test_a_symlink_to_a_device_is_never_read() -> None:
+    cache = ProbeCache()
+    cache.directory.mkdir(parents=True)
+    _entry_path(cache).symlink_to("/dev/zero")  # reading it would never end
+    assert one_warning(lambda: cache.get(cache_key(setup()))) is None
+    assert one_warning(cache.entries) == []
+
+
+def test_an_oversized_file_is_not_read() -> None:
+    cache = ProbeCache()
+    cache.directory.mkdir(parents=True)
+    _entry_path(cache).write_bytes(b'{"format": 1, ' + b" " * (MAX_FILE_BYTES + 10) + b"}")
+    assert one_warning(lambda: cache.get(cache_key(setup()))) is None
+    assert "more than a cache file holds" in str(one_warning.last)  # type: ignore[attr-defined]
+
+
+def test_a_directory_named_like_an_entry_is_skipped_by_every_command() -> None:
+    cache = ProbeCache()
+    _entry_path(cache).mkdir(parents=True)
+    assert one_warning(lambda: cache.get(cache_key(setup()))) is None
+    assert one_warning(cache.entries) == []
+    assert cache.clear() == 0
+
+
+INVALID_RESULTS: dict[str, dict[str, Any]] = {
+    "micro_batch 10**9": {"micro_batch": 10**9, "max_fitting_batch": 10**9},
+    "micro above the largest fitting": {"micro_batch": 9},
+    "micro_batch a string": {"micro_batch": "8"},
+    "first failure below the largest fitting": {"first_failure": 3},
+    "precision unknown": {"precision": "fp8"},
+    "negative seconds": {"seconds": -1.0},
+    "infinite bytes per sample": {"bytes_per_sample": float("inf")},
+    "margin of 1": {"margin": 1.0},
+    "cached a string": {"cached": "yes"},
+    "capped by nonsense": {"capped_by": "moon"},
+    "a trial fitted 'yes'": {"trials": [{"batch": 1, "fitted": "yes", "peak_bytes": 1, "seconds": 0.1}]},
+    "a trial of batch 0": {"trials": [{"batch": 0, "fitted": True, "peak_bytes": 1, "seconds": 0.1}]},
+    "a trial missing its batch": {"trials": [{"fitted": True, "peak_bytes": 1, "seconds": 0.1}]},
+    "trials not a list": {"trials": {"batch": 1}},
+}
+
+
+@pytest.mark.parametrize("change", INVALID_RESULTS.values(), ids=INVALID_RESULTS.keys())
+def test_a_schema_invalid_entry_is_corrupt_for_every_reader(change: dict[str, Any]) -> None:
+    cache, fp = ProbeCache(), setup()
+    path = cache.put(cache_key(fp), made_result(), fp)
+    assert path is not None
+    data = json.loads(path.read_text())
+    data["result"].update(change)
+    path.write_text(json.dumps(data))
+    assert one_warning(lambda: cache.get(cache_key(fp))) is None
+    assert one_warning(cache.entries) == []
+    assert cache.put(cache_key(fp), made_result(), fp) is not None and cache.get(cache_key(fp)) is not None
+
+
+def test_a_micro_batch_above_the_dataset_size_is_corrupt() -> None:
+    cache, fp = ProbeCache(), setup(dataset_size=4)
+    cache.put(cache_key(fp), made_result(micro=8), fp)
+    assert one_warning(lambda: cache.get(cache_key(fp))) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_honour_the_umask(umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        path = ProbeCache().put(cache_key(setup()), made_result(), setup())
+    finally:
+        os.umask(previous)
+    assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -8,9 +8,11 @@ propagates unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,7 +45,8 @@ def _import_file(path_text: str, spec: str, what: str) -> ModuleType:
     # The file's own directory is importable while it runs, as for `python path/to/file.py`.
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        module_spec.loader.exec_module(module)
+        with _own_argv(str(path)):
+            module_spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
         raise
@@ -52,10 +55,23 @@ def _import_file(path_text: str, spec: str, what: str) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def _own_argv(program: str) -> Iterator[None]:
+    """While the user's module is imported, ``sys.argv`` holds only its name, as ``python module.py`` gives:
+    a script that parses its arguments at import must not see autobatch's."""
+    saved = sys.argv
+    sys.argv = [program]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def _import_module(module_name: str, spec: str, what: str) -> ModuleType:
     sys.path.insert(0, "")  # like `python -m`: modules in the working directory can be named
     try:
-        return importlib.import_module(module_name)
+        with _own_argv(module_name):
+            return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         # Only the module the spec names (or one of its parents) being absent is a spec error; a missing
         # import *inside* the user's module is their bug and keeps its traceback.
