@@ -206,7 +206,8 @@ class ProbeCache:
             size = data["fingerprint"].get("dataset_size")
             if isinstance(size, int) and not isinstance(size, bool) and result.max_fitting_batch > size:
                 raise ValueError(f"a largest fitting batch of {result.max_fitting_batch} in {size} samples")
-        except (KeyError, TypeError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
+        # JSON and Unicode errors are ValueErrors; deep nesting raises RecursionError.
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise _Corrupt(f"not a valid cache file ({type(exc).__name__}: {exc})") from exc
         return data, result, len(raw)
 

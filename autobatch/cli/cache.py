@@ -12,6 +12,7 @@ __all__ = ["run"]
 def run(args: argparse.Namespace, streams: Streams) -> int:
     """List the cached probe results (a table, or ``--json``), or delete them all."""
     from rich.table import Table
+    from rich.text import Text
 
     from autobatch.cache import ProbeCache
     from autobatch.cli import JSON_SCHEMA_VERSION
@@ -21,7 +22,9 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     human = console(streams.people)
     if args.action == "clear":
         removed = store.clear()
-        human.print(f"removed {removed} cached probe result(s) from {store.directory}", highlight=False)
+        human.print(
+            f"removed {removed} cached probe result(s) from {store.directory}", highlight=False, markup=False
+        )
         if args.json:
             payload = {
                 "schema_version": JSON_SCHEMA_VERSION,
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
             f"No cached probe results in {store.directory}: each probe or fit stores one for the setup it "
             "probed.",
             highlight=False,
+            markup=False,
         )
         return 0
     table = Table(title="autobatch probe cache", title_justify="left")
@@ -52,15 +56,8 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         table.add_column(column, justify="right" if column == "micro" else "left", no_wrap=True)
     for e in entries:
         limit = format_bytes(e.memory_limit) if e.memory_limit is not None else "–"
-        table.add_row(
-            e.created[:16].replace("T", " "),
-            e.model,
-            e.device,
-            e.precision,
-            limit,
-            str(e.micro_batch),
-            e.key[:8],
-        )
+        cells = (e.created[:16].replace("T", " "), e.model, e.device, e.precision, limit, str(e.micro_batch))
+        table.add_row(*(Text(cell) for cell in (*cells, e.key[:8])))  # a file's strings, never markup
     human.print(table)
-    human.print(f"{len(entries)} result(s) in {store.directory}", highlight=False)
+    human.print(f"{len(entries)} result(s) in {store.directory}", highlight=False, markup=False)
     return 0

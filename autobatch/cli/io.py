@@ -32,6 +32,14 @@ def console(file: IO[str]) -> Any:
     return Console(file=file, width=PIPED_WIDTH, soft_wrap=True)
 
 
+def _flush_c_stdio() -> None:
+    """``fflush(NULL)``: the C library's own stdout buffer, which a C extension may have printed to."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
 class Streams:
     """The command's stdout and stderr; ``machine`` reserves stdout for one JSON object."""
 
@@ -59,9 +67,14 @@ class Streams:
         try:
             yield self
         finally:
+            # What the user's code left in a buffer belongs on stderr too: flush Python's streams and C's
+            # stdio while fd 1 still points there.
+            for stream in (sys.__stdout__, sys.stdout, sys.stderr):
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    stream.flush()  # type: ignore[union-attr]
+            _flush_c_stdio()
             sys.stdout = previous
             if saved_fd is not None:
-                sys.stderr.flush()
                 os.dup2(saved_fd, 1)
                 os.close(saved_fd)
             self._saved = None

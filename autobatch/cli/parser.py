@@ -35,7 +35,14 @@ exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fit
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises a usage error instead of printing and exiting, so ``--json`` can report it."""
+    """argparse that raises a usage error instead of printing and exiting, so ``--json`` can report it.
+
+    Abbreviated flags are refused (``--jso`` is no ``--json``): a CI gate's flags mean what they say.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageValueError(f"{self.prog}: {message}")
