@@ -235,12 +235,16 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
                 peaks = [prober.trial(batch_size) for _ in range(steps)]
             except OutOfMemory:
                 return Trial(batch_size, False, None, time.perf_counter() - started)
-    step_peaks = [p.step_bytes for p in peaks if p.step_bytes is not None]
-    backward_peaks = [p.backward_bytes for p in peaks if p.backward_bytes is not None]
+
+    def highest(values: list[int | None]) -> int | None:
+        known = [v for v in values if v is not None]
+        return max(known) if known else None
+
     return Trial(
         batch_size,
         True,
-        max(step_peaks) if step_peaks else None,
+        highest([p.step_bytes for p in peaks]),
         time.perf_counter() - started,
-        max(backward_peaks) if backward_peaks else None,
+        highest([p.backward_bytes for p in peaks]),
+        highest([p.reserved_bytes for p in peaks]),
     )

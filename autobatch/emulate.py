@@ -11,6 +11,19 @@ dataset that batches are sliced from) are not device memory and are never counte
 When an operation would push the live total past the limit, its outputs are dropped before
 ``torch.OutOfMemoryError`` is raised: the failed allocation is not held, as with a real allocator. The
 count is deterministic: the same model, batch and limit give the same peak on every run.
+
+Two ways to apply the limit:
+
+* **ideal** (the default): the limit caps the live bytes, each storage rounded to 512 bytes;
+* **allocator**: every storage is a block of a :class:`~autobatch.allocator.CachingAllocator`, which
+  follows PyTorch's CUDA caching allocator (small and large pools, segments, best fit, splitting and
+  merging, cached segments released before an out-of-memory), and the limit caps *reserved* memory, as
+  ``torch.cuda.set_per_process_memory_fraction`` does on a GPU. Each measured region starts from a fresh
+  allocator that holds the resident tensors, packed.
+
+With ``trace=True`` the device also records the region's allocations and frees in order (see
+:attr:`EmulatedDevice.trace`), which :mod:`autobatch.timeline` turns into a memory model. With ``limit=None``
+it only observes: it counts and traces and never raises (the probe's observer on CUDA).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from autobatch._tree import map_tensors
+from autobatch.allocator import AllocatorOutOfMemory, CachingAllocator
 from autobatch.units import format_bytes
 
 __all__ = ["BLOCK_BYTES", "EmulatedDevice"]
@@ -40,11 +54,13 @@ class EmulatedDevice(TorchDispatchMode):
     """Count live tensor bytes on ``device`` and raise ``torch.OutOfMemoryError`` past ``limit``.
 
     Args:
-        limit: device capacity in bytes.
+        limit: device capacity in bytes, or ``None`` to observe without a limit.
         resident: tensors that already live on the device when it is entered (parameters, buffers,
             gradients, optimizer state); their storages count from the start.
         device: the device whose tensors are counted (tensors elsewhere are ignored).
-        block_bytes: allocation granularity; each storage is rounded up to a multiple of it.
+        block_bytes: allocation granularity in ideal mode; each storage is rounded up to a multiple of it.
+        allocator: cap reserved memory through a model of CUDA's caching allocator instead.
+        trace: record the region's allocations and frees (:attr:`trace`, :attr:`resident_sizes`).
 
     Example:
         >>> import torch
@@ -57,23 +73,44 @@ class EmulatedDevice(TorchDispatchMode):
 
     def __init__(
         self,
-        limit: int,
+        limit: int | None,
         resident: Iterable[torch.Tensor] = (),
         *,
         device: torch.device | str = "cpu",
         block_bytes: int = BLOCK_BYTES,
+        allocator: bool = False,
+        trace: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-            raise ValueError(f"Expected `limit` to be a positive int of bytes, but got {limit!r}.")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+            raise ValueError(f"Expected `limit` to be a positive int of bytes or None, but got {limit!r}.")
         self.limit = limit
         self.device = torch.device(device)
         self.block_bytes = block_bytes
+        self.allocator = CachingAllocator(limit) if allocator else None
         self._resident = list(resident)
-        self._live: dict[int, tuple[int, weakref.ref[Any]]] = {}
+        # storage key -> (counted bytes, weakref, allocator handle, trace index)
+        self._live: dict[int, tuple[int, weakref.ref[Any], int, int]] = {}
         self.allocated_bytes = 0
         self.peak_bytes = 0
         self.resident_bytes = 0
+        self.trace: list[tuple[Any, ...]] | None = [] if trace else None
+        """The region's events in order: ``("alloc", i, nbytes)`` (the i-th storage allocated, its size before
+        rounding) and ``("free", i)``; ``None`` unless ``trace=True``."""
+        self.resident_sizes: list[int] = []
+        """The sizes (before rounding) of the resident storages, in the order they were registered."""
+        self._tracing = False
+        self._next_index = 0
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes in the allocator's segments (allocator mode), else the live bytes."""
+        return self.allocator.reserved_bytes if self.allocator is not None else self.allocated_bytes
+
+    @property
+    def peak_reserved_bytes(self) -> int:
+        """The most reserved bytes in the region (allocator mode), else the live peak."""
+        return self.allocator.peak_reserved_bytes if self.allocator is not None else self.peak_bytes
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _counts(self, t: object) -> bool:
@@ -82,10 +119,11 @@ class EmulatedDevice(TorchDispatchMode):
     def _size(self, storage: torch.UntypedStorage) -> int:
         return _rounded(storage.nbytes(), self.block_bytes)
 
-    def _track(self, storage: torch.UntypedStorage) -> None:
+    def _track(self, storage: torch.UntypedStorage, handle: int = 0) -> None:
         # Keyed by the storage itself (its StorageImpl), which survives a resize that moves the data.
         key = storage._cdata
-        size = self._size(storage)
+        size = self._counted(storage, handle)
+        index = self._record("alloc", storage.nbytes())
         self_ref = weakref.ref(self)
 
         def free(ref: weakref.ref[Any], key: int = key) -> None:
@@ -93,17 +131,46 @@ class EmulatedDevice(TorchDispatchMode):
             if dev is not None:
                 entry = dev._live.get(key)
                 if entry is not None and entry[1] is ref:
-                    del dev._live[key]
-                    dev.allocated_bytes -= entry[0]
+                    dev._release(key)
 
-        self._live[key] = (size, weakref.ref(storage, free))
+        self._live[key] = (size, weakref.ref(storage, free), handle, index)
         self.allocated_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
 
-    def _grow(self, key: int, size: int) -> None:
-        old, ref = self._live[key]
-        self._live[key] = (size, ref)
-        self.allocated_bytes += size - old
+    def _counted(self, storage: torch.UntypedStorage, handle: int) -> int:
+        """The bytes a storage counts for: its allocator block, or its size rounded to a block."""
+        if self.allocator is not None and handle:
+            return self.allocator.block_size(handle)
+        return self._size(storage)
+
+    def _release(self, key: int) -> None:
+        size, _, handle, index = self._live.pop(key)
+        self.allocated_bytes -= size
+        if self.allocator is not None:
+            self.allocator.free(handle)
+        self._record("free", index)
+
+    def _record(self, kind: str, value: int) -> int:
+        """Append an event while the region is open; returns an alloc's index."""
+        if kind == "alloc":
+            index, self._next_index = self._next_index, self._next_index + 1
+            if self.trace is not None and self._tracing:
+                self.trace.append(("alloc", index, value))
+            return index
+        if self.trace is not None and self._tracing and value >= 0:
+            self.trace.append(("free", value))
+        return value
+
+    def _grow(self, key: int, storage: torch.UntypedStorage, handle: int) -> None:
+        """A storage an op resized in place: a new block for its new size, then the old one freed."""
+        old_size, ref, old_handle, old_index = self._live[key]
+        size = self._counted(storage, handle)
+        index = self._record("alloc", storage.nbytes())
+        if self.allocator is not None:
+            self.allocator.free(old_handle)
+        self._record("free", old_index)
+        self._live[key] = (size, ref, handle, index)
+        self.allocated_bytes += size - old_size
         self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
 
     def _allocations(
@@ -125,12 +192,31 @@ class EmulatedDevice(TorchDispatchMode):
         return list(new.values()), grown
 
     def register(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Count ``tensors`` as device memory from now on (views of counted storages add nothing)."""
+        """Count ``tensors`` as device memory from now on (views of counted storages add nothing).
+
+        Raises:
+            torch.OutOfMemoryError: in allocator mode, the tensors do not fit under the limit.
+        """
         for t in tensors:
             if self._counts(t):
                 st = t.untyped_storage()
                 if st._cdata not in self._live:
-                    self._track(st)
+                    handle = self._malloc([st])[0] if self.allocator is not None else 0
+                    self.resident_sizes.append(st.nbytes())
+                    self._track(st, handle)
+
+    def _malloc(self, storages: list[torch.UntypedStorage]) -> list[int]:
+        """Allocator blocks for ``storages``, all or none; raises torch.OutOfMemoryError."""
+        assert self.allocator is not None
+        handles: list[int] = []
+        try:
+            for st in storages:
+                handles.append(self.allocator.malloc(st.nbytes()))
+        except AllocatorOutOfMemory as exc:
+            for handle in handles:
+                self.allocator.free(handle)
+            raise torch.OutOfMemoryError(f"Emulated device out of memory. {exc}") from None
+        return handles
 
     def transfer(self, batch: Any) -> Any:
         """Copy every tensor of ``batch`` onto the emulated device, as a host-to-device copy would."""
@@ -141,8 +227,15 @@ class EmulatedDevice(TorchDispatchMode):
         self.register(self._resident)
         self._resident = []
         self.resident_bytes = self.allocated_bytes
+        if self.allocator is not None:
+            self.allocator.reset_peaks()
+        self._tracing = True
         super().__enter__()
         return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tracing = False  # frees after the region are not part of its trace
+        super().__exit__(*exc)
 
     def __torch_dispatch__(
         self,
@@ -160,10 +253,23 @@ class EmulatedDevice(TorchDispatchMode):
         new, grown = self._allocations(out, inputs)
         if not new and not grown:
             return out
+        if self.allocator is not None:
+            storages = {**{st._cdata: st for st in new}, **self._grown_storages(out, grown)}
+            try:
+                handles = dict(zip(storages, self._malloc(list(storages.values())), strict=True))
+            except torch.OutOfMemoryError:
+                out = None  # drop the outputs: the failed allocation must not stay alive in the traceback
+                new.clear()
+                raise
+            for st in new:
+                self._track(st, handles[st._cdata])
+            for key in grown:
+                self._grow(key, storages[key], handles[key])
+            return out
         request = sum(self._size(st) for st in new) + sum(
             size - self._live[key][0] for key, size in grown.items()
         )
-        if self.allocated_bytes + request > self.limit:
+        if self.limit is not None and self.allocated_bytes + request > self.limit:
             # Drop the outputs before raising: the failed allocation must not stay alive in the
             # traceback's frame.
             out = None
@@ -171,11 +277,21 @@ class EmulatedDevice(TorchDispatchMode):
             raise torch.OutOfMemoryError(self._oom_message(request))
         for st in new:
             self._track(st)
-        for key, size in grown.items():
-            self._grow(key, size)
+        for key in grown:
+            self._grow(key, self._storage_of(out, key), 0)
         return out
 
+    def _storage_of(self, out: object, key: int) -> torch.UntypedStorage:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata == key:
+                return t.untyped_storage()
+        raise AssertionError("a grown storage is among the outputs")  # pragma: no cover
+
+    def _grown_storages(self, out: object, grown: dict[int, int]) -> dict[int, torch.UntypedStorage]:
+        return {key: self._storage_of(out, key) for key in grown}
+
     def _oom_message(self, request: int) -> str:
+        assert self.limit is not None
         free = max(0, self.limit - self.allocated_bytes)
         return (
             f"Emulated device out of memory. Tried to allocate {format_bytes(request)} "

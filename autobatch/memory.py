@@ -4,8 +4,12 @@
 
 * **CUDA**: a limit caps PyTorch's caching allocator (``torch.cuda.set_per_process_memory_fraction``)
   inside :meth:`DeviceMemory.capped`; peaks come from ``max_memory_allocated``/``max_memory_reserved``.
-* **Any other device with a limit**: an :class:`~autobatch.emulate.EmulatedDevice` counts live tensor bytes
-  and raises ``torch.OutOfMemoryError`` at the limit, deterministically.
+* **Any other device with a limit**: an :class:`~autobatch.emulate.EmulatedDevice` raises
+  ``torch.OutOfMemoryError`` at the limit, deterministically. ``emulation`` says how it counts: ``"ideal"``
+  live tensor bytes, ``"allocator"`` reserved memory through a model of CUDA's caching allocator (closer to
+  what a GPU of that size holds), and ``"auto"`` the allocator from :data:`ALLOCATOR_FROM` up, where a
+  GPU's segments are small next to the limit, and live bytes below (a 640 KiB device has no 20 MiB
+  segment to hold).
 * **No limit**: nothing is enforced (a real allocator failure is still an out-of-memory). The one
   exception is :meth:`DeviceMemory.guarded`, which the probe uses: where device memory is host RAM (the
   CPU, Apple's MPS), a probe without a limit emulates a device of half the RAM available, so that its
@@ -40,6 +44,9 @@ __all__ = [
     "resolve_memory_limit",
     "tensor_bytes",
 ]
+
+ALLOCATOR_FROM = 64 * 2**20
+"""``emulation="auto"`` models CUDA's caching allocator for limits of at least this many bytes."""
 
 DEFAULT_CPU_FRACTION = 0.5
 """Share of the host's available RAM that a probe may use on a host-memory device when no limit is given."""
@@ -108,6 +115,8 @@ class Measurement:
     peak_bytes: int | None = None
     reserved_bytes: int | None = None
     resident_bytes: int | None = None
+    trace: tuple[tuple[int, ...], tuple[tuple[Any, ...], ...]] | None = None
+    """With ``trace=True``: the sizes of the resident tensors and the region's allocations and frees."""
     _peak_now: Callable[[], int | None] = field(default=lambda: None, repr=False)
 
     def peak_so_far(self) -> int | None:
@@ -121,22 +130,34 @@ class DeviceMemory:
     Args:
         device: the device.
         limit: bytes a step may use, or ``None`` for no limit.
+        emulation: ``"auto"``, ``"ideal"`` or ``"allocator"`` (see the module's docs); CUDA ignores it.
     """
 
-    def __init__(self, device: torch.device, limit: int | None) -> None:
+    def __init__(self, device: torch.device, limit: int | None, emulation: str = "auto") -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.limit = limit
+        self.emulation = emulation
         self.emulated = not self.is_cuda and limit is not None
+        self.allocator = self.emulated and (
+            emulation == "allocator"
+            or (emulation == "auto" and limit is not None and limit >= ALLOCATOR_FROM)
+        )
         self.guard = False  # the limit is a guard the probe chose, not the user's
 
     def guarded(self) -> DeviceMemory:
-        """This memory for a probe: without a limit, a host-memory device gets half the available RAM."""
+        """This memory for a probe: without a limit, a host-memory device gets half the available RAM
+        (counted in live bytes: it guards the host, it models no GPU)."""
         if self.limit is not None or self.device.type not in _HOST_MEMORY:
             return self
-        guarded = DeviceMemory(self.device, default_cpu_limit())
+        guarded = DeviceMemory(self.device, default_cpu_limit(), emulation="ideal")
         guarded.guard = True
         return guarded
+
+    @property
+    def counts_reserved(self) -> bool:
+        """Whether the limit caps reserved memory (CUDA, the allocator model) rather than live bytes."""
+        return self.is_cuda or self.allocator
 
     @property
     def capacity(self) -> int | None:
@@ -166,38 +187,50 @@ class DeviceMemory:
 
     @contextlib.contextmanager
     def measure(
-        self, resident: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] = ()
+        self,
+        resident: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] = (),
+        *,
+        trace: bool = False,
     ) -> Iterator[Measurement]:
         """Measure the block's peak (and, emulated, enforce the limit).
 
         Args:
             resident: the tensors already on the device, which count from the start (or a function that
-                lists them, called only where they are counted: on an emulated device).
+                lists them, called only where they are counted or traced).
+            trace: record the block's allocations and frees (:attr:`Measurement.trace`): on an emulated
+                device its own, on CUDA an observer's (which never raises).
         """
         result = Measurement()
-        if self.emulated:
-            assert self.limit is not None
+        if self.emulated or (trace and self.device.type != "cpu"):
             tensors = resident() if callable(resident) else resident
-            emulator = EmulatedDevice(self.limit, tensors, device=self.device)
-            try:
-                with emulator:
-                    result.resident_bytes = emulator.resident_bytes
-                    result._peak_now = lambda: emulator.peak_bytes
-                    yield result
-            finally:
-                result.peak_bytes = emulator.peak_bytes
-            return
-        if self.is_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            result.resident_bytes = torch.cuda.memory_allocated(self.device)
-            result._peak_now = lambda: torch.cuda.max_memory_allocated(self.device)
-            try:
-                yield result
-            finally:
-                result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-                result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
-            return
-        yield result
+            limit = self.limit if self.emulated else None
+            device = EmulatedDevice(limit, tensors, device=self.device, allocator=self.allocator, trace=trace)
+        else:
+            device = None
+        with contextlib.ExitStack() as stack:
+            if self.is_cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                result.resident_bytes = torch.cuda.memory_allocated(self.device)
+                result._peak_now = lambda: torch.cuda.max_memory_allocated(self.device)
+                stack.callback(self._cuda_peaks, result)
+            if device is not None:
+                stack.callback(self._emulated_peaks, result, device)
+                stack.enter_context(device)
+                if self.emulated:
+                    result.resident_bytes = device.resident_bytes
+                    result._peak_now = lambda: device.peak_reserved_bytes
+            yield result
+
+    def _cuda_peaks(self, result: Measurement) -> None:
+        result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+
+    def _emulated_peaks(self, result: Measurement, device: EmulatedDevice) -> None:
+        if self.emulated:
+            result.peak_bytes = device.peak_reserved_bytes
+            result.reserved_bytes = device.peak_reserved_bytes if self.allocator else None
+        if device.trace is not None:
+            result.trace = (tuple(device.resident_sizes), tuple(device.trace))
 
     def transfer(self, batch: Any) -> Any:
         """Move every tensor of ``batch`` onto the device.
@@ -214,7 +247,13 @@ class DeviceMemory:
         """One line for logs and tables: the limit and how it is enforced."""
         if self.limit is None:
             return "no limit"
-        how = "emulated" if self.emulated else "allocator cap"
+        how = (
+            "emulated, CUDA's caching allocator"
+            if self.allocator
+            else "emulated"
+            if self.emulated
+            else "allocator cap"
+        )
         if self.guard:
             how = "emulated: half the available RAM, as no memory_limit was given"
         return f"{format_bytes(self.limit)} ({how})"

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "EMULATIONS",
     "ENTRY_POINTS",
     "PRECISIONS",
     "CacheOptions",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+EMULATIONS = ("auto", "ideal", "allocator")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -251,6 +253,13 @@ class MemoryOptions(_Group):
         optional(check_device),
         "the device to run on (fit: default CUDA, then MPS, else CPU; probe: the model's)",
         cli=Cli("--device"),
+    )
+    emulation: str = option(
+        "auto",
+        _choice(EMULATIONS),
+        "how an emulated device applies the limit: 'ideal' caps live tensor bytes, 'allocator' caps "
+        "reserved memory as CUDA's caching allocator holds it; 'auto' is 'allocator' from 64 MiB up",
+        cli=Cli("--emulation", choices=EMULATIONS),
     )
 
 

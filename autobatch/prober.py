@@ -23,10 +23,11 @@ from autobatch.errors import NoBatchFitsError
 from autobatch.memory import tensor_bytes
 from autobatch.oom import frozen_heap, release_memory
 from autobatch.result import ProbeResult
-from autobatch.search import OutOfMemory, Peaks, Trial, search
+from autobatch.search import OutOfMemory, Peaks, Predictor, Trial, search
 from autobatch.session import Session
 from autobatch.state import snapshot
 from autobatch.step import Stepper
+from autobatch.timeline import MemoryTimeline, Timeline, best_fit
 from autobatch.transaction import run_step
 from autobatch.units import format_bytes
 
@@ -81,6 +82,9 @@ class Prober:
         )
         self.floor = session.floor
         self.steps = 0
+        self.samples = 0  # samples of training work, the warm-up included
+        self.timelines: dict[int, Timeline] = {}
+        self._warm = False
         self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
         capacity = self.memory.capacity
         if session.group is not None and capacity is not None:
@@ -94,13 +98,18 @@ class Prober:
         batch = self.session.source.worst_case(batch_size, probe.size_fn)
         # A micro-step after the first adds onto existing gradients: measure that one too.
         weights = (0.5, 0.5) if probe.accumulate else (1.0,)
-        outcome = run_step(self.stepper, lambda: [(batch, w) for w in weights], group=self.session.group)
+        outcome = run_step(
+            self.stepper, lambda: [(batch, w) for w in weights], group=self.session.group, trace=True
+        )
         self.steps += 1
+        self.samples += batch_size
         if not outcome.fitted:
             raise OutOfMemory
+        if outcome.trace is not None and self._warm:  # the warm-up's own allocations differ: state is made
+            self.timelines[batch_size] = Timeline(batch_size, *outcome.trace)
         self.model_state_bytes = max(self.model_state_bytes, tensor_bytes(self.stepper.state_tensors()))
         logger.debug("probe: batch %d fits, peak %s", batch_size, outcome.step_peak)
-        return Peaks(outcome.step_peak, outcome.backward_peak)
+        return Peaks(outcome.step_peak, outcome.backward_peak, outcome.step_reserved)
 
     @contextlib.contextmanager
     def restoring(self) -> Iterator[None]:
@@ -125,7 +134,25 @@ class Prober:
             except OutOfMemory:
                 yield False
             else:
-                yield True
+                self._warm = True
+                try:
+                    yield True
+                finally:
+                    self._warm = False
+
+    strategy = "timeline"
+    """``"timeline"``: predict from the trials' memory timelines; ``"bisect"``: the search without them,
+    from batch ``floor`` (what autobatch did before; the probe benchmark compares the two)."""
+
+    def predictor(self) -> Predictor | None:
+        """The memory model of the trials so far, the same on every rank (``None`` while there is none)."""
+        model = best_fit(list(self.timelines.values()))
+        group = self.session.group
+        if group is not None and int(group.min([0.0 if model is None else 1.0])[0]) == 0:
+            return None  # every rank predicts, or none does: the searches stay in lockstep
+        if model is None:
+            return None
+        return _Agreed(model, self.memory.counts_reserved, group)
 
     def verify(self, micro_batch: int) -> bool:
         """Whether ``micro_batch`` fits one steady-state step now: a cached answer is never used untested."""
@@ -149,8 +176,11 @@ class Prober:
                     cap=cap,
                     limit=self.capacity,
                     on_trial=self.session.options.probe.on_trial,
-                    start=self.floor,
+                    # From 2: a batch of one often takes other code paths (a matrix-vector product, a
+                    # broadcast), whose timeline would not line up with the next batch's.
+                    start=min(max(2, self.floor), cap) if self.strategy == "timeline" else self.floor,
                     floor=self.floor,
+                    predictor=self.predictor if self.strategy == "timeline" else None,
                 )
         if outcome is None or outcome.best == 0:
             raise self.nothing_fits()
@@ -212,6 +242,21 @@ class Prober:
         )
 
 
+class _Agreed:
+    """A rank's timeline model, its answers agreed across ranks (the smallest maximum, the largest peak)."""
+
+    def __init__(self, model: MemoryTimeline, reserved: bool, group: Any) -> None:
+        self.model, self.reserved, self.group = model, reserved, group
+
+    def max_batch(self, limit: int, *, lo: int, hi: int) -> int:
+        best = self.model.max_batch(limit, lo=lo, hi=hi, allocator=self.reserved)
+        return best if self.group is None else int(self.group.min([best])[0])
+
+    def peak(self, batch: int) -> int:
+        peak = self.model.peak(batch, allocator=self.reserved)
+        return peak if self.group is None else int(self.group.max([peak])[0])
+
+
 class ProbeStore:
     """The probe cache as one probe sees it: rank 0 reads and writes, and tells the other ranks.
 
@@ -221,6 +266,7 @@ class ProbeStore:
     """
 
     _RESOLVED = frozenset({"optimizer", "precision", "device", "memory_limit"})
+    # (emulation is keyed as given: "auto" resolves by the limit, which the key holds too)
 
     def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any]) -> None:
         from autobatch.cache import cache_key

@@ -223,6 +223,7 @@ _TRIAL_FIELDS = {
     "peak_bytes": "count or None",
     "seconds": "duration",
     "backward_peak_bytes": "count or None",
+    "reserved_bytes": "count or None",
 }
 _BOUND = 2**53
 """Counts and sizes above this are not a probe's (JSON numbers lose integer precision there)."""

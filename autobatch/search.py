@@ -3,22 +3,40 @@
 ``try_step(batch_size)`` runs one training step and returns its measured :class:`Peaks` (fields ``None``
 where the backend cannot measure), or raises :class:`OutOfMemory` when the step did not fit.
 
-The search doubles from a small start until the first out-of-memory, then narrows the gap between the
-largest batch that fitted (``lo``) and the smallest that did not (``hi``). Wherever peaks were measured
-it fits ``peak ≈ fixed + per_sample × batch`` on the forward/backward peak (the part of the step that
-grows with the batch; the optimizer step's own peak does not) through the two largest batches that
-fitted, and jumps to the predicted maximum. A jump whose outcome contradicts the model (the predicted
-maximum ran out of memory, or the batch after it still fitted), like a model that says a batch already
-known to fail would fit, is followed by a plain doubling or bisection step, so the worst case stays
-logarithmic while the usual case costs a handful of steps.
+With a ``predictor`` (the memory timelines of :mod:`autobatch.timeline`: each allocation of a step fitted
+as linear in the batch), two small trials (the start and the batch after it) predict the largest batch that
+fits; the search tests it and the batch after it, and is done: five steps (with the probe's warm-up) and
+one out-of-memory when the prediction is exact. A surprise calibrates the limit the next prediction uses
+to what the device allowed (a predicted fit that ran out of memory lowers it, a predicted failure that
+fitted raises it); after two surprises, or where no timeline model exists (data-dependent control flow),
+the search goes on as below.
+
+Without one, the search doubles from a small start until the first out-of-memory, then narrows the gap
+between the largest batch that fitted (``lo``) and the smallest that did not (``hi``). Wherever peaks
+were measured it fits ``peak ≈ fixed + per_sample × batch`` on the forward/backward peak through the two
+largest batches that fitted, and jumps to the predicted maximum. A jump whose outcome contradicts the
+model is followed by a plain doubling or bisection step, so the worst case stays logarithmic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["MemoryModel", "OutOfMemory", "Peaks", "SearchOutcome", "Trial", "fit_memory_model", "search"]
+__all__ = [
+    "MemoryModel",
+    "OutOfMemory",
+    "Peaks",
+    "Predictor",
+    "SearchOutcome",
+    "Trial",
+    "fit_memory_model",
+    "search",
+]
+
+SURPRISES = 2
+"""Wrong predictions after which the search stops trusting the predictor."""
 
 MAX_GROWTH = 16
 """Before the first out-of-memory, a model-predicted jump grows the batch by at most this factor."""
@@ -30,10 +48,12 @@ class OutOfMemory(Exception):
 
 @dataclass(frozen=True)
 class Peaks:
-    """What one step used: the whole step's peak and the forward/backward peak, in bytes."""
+    """What one step used: the whole step's peak and the forward/backward peak, in bytes; and the most
+    memory the allocator held (reserved), where it has one."""
 
     step_bytes: int | None = None
     backward_bytes: int | None = None
+    reserved_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,7 @@ class Trial:
     peak_bytes: int | None
     seconds: float
     backward_peak_bytes: int | None = None
+    reserved_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,18 @@ class MemoryModel:
         if self.bytes_per_sample <= 0:
             return None
         return int((limit - self.fixed_bytes) // self.bytes_per_sample)
+
+
+class Predictor(Protocol):
+    """A memory model that predicts which batches fit (see :class:`autobatch.timeline.MemoryTimeline`)."""
+
+    def max_batch(self, limit: int, *, lo: int, hi: int) -> int:
+        """The largest batch in ``[lo, hi]`` that fits under ``limit``; ``lo - 1`` when none does."""
+        ...
+
+    def peak(self, batch: int) -> int:
+        """The peak the model predicts for ``batch``, in the units of the limit."""
+        ...
 
 
 @dataclass
@@ -92,18 +125,20 @@ def search(
     clock: Callable[[], float] | None = None,
     on_trial: Callable[[Trial], None] | None = None,
     floor: int = 1,
+    predictor: Callable[[], Predictor | None] | None = None,
 ) -> SearchOutcome:
     """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
 
     Args:
         try_step: runs one step at a batch size and returns its :class:`Peaks`; raises OutOfMemory.
         cap: the largest batch allowed (``max_batch`` or the dataset size); tested before it is returned.
-        limit: the memory limit in bytes, used to predict the maximum from measured peaks.
+        limit: the memory limit in bytes, used to predict the maximum.
         start: the first batch size tried.
         clock: a time source for ``Trial.seconds`` (``time.perf_counter`` by default).
         on_trial: called with each :class:`Trial` as soon as it is measured (progress displays).
         floor: the smallest batch that can train at all (2 for BatchNorm in training mode); never
             tried below.
+        predictor: returns the memory model of the trials so far (``None`` while it has none).
 
     Returns:
         A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
@@ -131,14 +166,18 @@ def search(
         except OutOfMemory:
             trial = Trial(batch, False, None, clock() - t0)
         else:
-            trial = Trial(batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes)
+            trial = Trial(
+                batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes, peaks.reserved_bytes
+            )
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
         return trial.fitted
 
     candidate = max(floor, min(start, cap))
-    expected: bool | None = None  # what the model predicted for the candidate (None: not model-based)
+    expected: bool | None = None  # what a model predicted for the candidate (None: not model-based)
+    surprises, effective = 0, limit  # the limit predictions use, calibrated by surprises
+    timeline: Predictor | None = None  # the predictor behind the candidate, if it chose it
     while True:
         fitted = run(candidate)
         if fitted:
@@ -146,23 +185,49 @@ def search(
         else:
             hi = candidate
         trust_model = expected is None or expected == fitted
+        if not trust_model and timeline is not None and effective is not None:
+            surprises += 1  # calibrate: the device allowed more, or less, than the model said
+            peak = timeline.peak(candidate)
+            effective = min(effective, peak - 1) if expected else max(effective, peak)
         if lo >= cap or (hi is not None and (hi - lo <= 1 or hi <= floor)):
             break
         if lo == 0:  # the start did not fit: halve towards the floor
-            candidate, expected = max(floor, candidate // 2), None
+            candidate, expected, timeline = max(floor, candidate // 2), None, None
             continue
-        model = fit_memory_model(trials) if limit is not None else None
-        predicted_max = model.predict_max(limit) if (model is not None and limit is not None) else None
-        # A model that says a batch known to fail would fit is wrong here: it would only test hi - 1.
-        contradicted = hi is not None and predicted_max is not None and predicted_max >= hi
-        if predicted_max is None or not trust_model or contradicted:
-            candidate, expected = (2 * lo if hi is None else (lo + hi) // 2), None
-        else:
-            # Test the predicted maximum; when the model says lo already is it, confirm lo + 1 fails.
-            candidate = max(predicted_max, lo + 1)
-            if hi is None:
-                candidate = min(candidate, MAX_GROWTH * lo)
-            candidate = min(candidate, hi - 1 if hi is not None else candidate)
-            expected = candidate <= predicted_max
+        upper = min(cap, hi - 1 if hi is not None else cap)
+        timeline = (
+            predictor() if predictor is not None and effective is not None and surprises < SURPRISES else None
+        )
+        if timeline is None and predictor is not None and len(trials) == 1:
+            # The model needs a second timeline: the next batch up is the cheapest one to get.
+            candidate, expected = min(lo + 1, cap), None
+            continue
+        if timeline is not None:
+            assert effective is not None
+            predicted = timeline.max_batch(effective, lo=lo, hi=upper)
+            if predicted >= lo:  # the model agrees that lo fits: test its maximum, or the batch after lo
+                candidate = predicted if predicted > lo else lo + 1
+                expected = candidate <= predicted
+                continue
+            timeline = None  # it says a batch that fitted does not: no use here
+        candidate, expected = _without_timeline(trials, lo, hi, limit, trust_model)
         candidate = min(candidate, cap)
     return SearchOutcome(best=lo, first_failure=hi, trials=trials, model=fit_memory_model(trials))
+
+
+def _without_timeline(
+    trials: list[Trial], lo: int, hi: int | None, limit: int | None, trust_model: bool
+) -> tuple[int, bool | None]:
+    """The next candidate from the line through the measured peaks, or by doubling or bisection."""
+    model = fit_memory_model(trials) if limit is not None else None
+    predicted_max = model.predict_max(limit) if (model is not None and limit is not None) else None
+    # A model that says a batch known to fail would fit is wrong here: it would only test hi - 1.
+    contradicted = hi is not None and predicted_max is not None and predicted_max >= hi
+    if predicted_max is None or not trust_model or contradicted:
+        return (2 * lo if hi is None else (lo + hi) // 2), None
+    # Test the predicted maximum; when the model says lo already is it, confirm lo + 1 fails.
+    candidate = max(predicted_max, lo + 1)
+    if hi is None:
+        candidate = min(candidate, MAX_GROWTH * lo)
+    candidate = min(candidate, hi - 1 if hi is not None else candidate)
+    return candidate, candidate <= predicted_max

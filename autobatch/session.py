@@ -349,7 +349,7 @@ def resolve(model: Any, data: Any, options: Options) -> Session:
         ddp=ddp,
         device=device,
         precision=precision,
-        memory=DeviceMemory(device, limit),
+        memory=DeviceMemory(device, limit, options.memory.emulation),
         optimizer=optimizer,
         source=source,
         eval_source=eval_source,

@@ -22,6 +22,7 @@ Any other exception, on any rank, stops every rank (:func:`autobatch.distributed
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from autobatch import distributed
+from autobatch.memory import Measurement
 from autobatch.oom import is_oom, release_memory
 from autobatch.step import Stepper, StepResult
 
@@ -56,9 +58,11 @@ class StepOutcome:
         loss: the step's loss over every rank, weighted as its gradient is (NaN when it did not fit).
         backward_peak: the highest device-memory peak of the micro-steps over the ranks, when measured.
         step_peak: the highest peak of the whole step over the ranks, when measured.
+        step_reserved: the most memory the allocator held in the step (CUDA, the emulated allocator).
         oom_ranks: the ranks that ran out of memory.
         retried: the optimizer step ran out of memory on some rank without changing anything, and was
             tried once more there after the cached memory was released.
+        trace: with ``trace=True``, this rank's allocation timeline of the step (resident sizes, events).
     """
 
     fitted: bool
@@ -69,8 +73,10 @@ class StepOutcome:
     loss: float = math.nan
     backward_peak: int | None = None
     step_peak: int | None = None
+    step_reserved: int | None = None
     oom_ranks: tuple[int, ...] = field(default_factory=tuple)
     retried: bool = False
+    trace: Any = None
 
 
 def _peak(value: int | None) -> float:
@@ -88,6 +94,7 @@ def run_step(
     *,
     group: distributed.Group | None = None,
     ddp: Any = None,
+    trace: bool = False,
 ) -> StepOutcome:
     """Run one optimizer step over the micro-batches ``pieces()`` returns, all or nothing on every rank.
 
@@ -97,6 +104,7 @@ def run_step(
             dataset, say) is this rank's failure, agreed on like any other.
         group: the data-parallel ranks, or ``None`` in one process.
         ddp: the DDP wrapper whose ``no_sync()`` keeps each micro-step's gradients local.
+        trace: record the step's allocations (the probe's memory model is made of them).
 
     Returns:
         The :class:`StepOutcome`, identical on every rank. After a step that did not fit, its gradients
@@ -105,9 +113,11 @@ def run_step(
     Raises:
         Whatever a rank raised that was not an out-of-memory, on that rank; PeerError on the others.
     """
-    with stepper.memory.measure(stepper.state_tensors) as measured:
-        status, failure = OK, None
+    with contextlib.ExitStack() as region:
+        status, failure, measured = OK, None, Measurement()
         try:
+            # Entering the region places the resident tensors on the device: they may not fit either.
+            measured = region.enter_context(stepper.memory.measure(stepper.state_tensors, trace=trace))
             parts = pieces()
             with distributed.no_sync(ddp):
                 for batch, weight in parts:
@@ -148,7 +158,9 @@ def run_step(
         loss=loss,
         backward_peak=backward_peak,
         step_peak=_unpeak([row[1] for row in rows]),
+        step_reserved=measured.reserved_bytes,
         retried=result.retried,
+        trace=measured.trace,
     )
 
 

@@ -36,26 +36,32 @@ class Case:
     precision: str
 
 
+DEVICE = "cpu"
+
+
 def hand_written_epoch(case: Case, model: nn.Module, seed: int) -> float:
     """The classic loop; returns its wall time in seconds."""
     X, y = case.data
+    model.to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.precision]
-    scaler = torch.amp.GradScaler("cpu", enabled=case.precision == "fp16")
+    scaler = torch.amp.GradScaler(DEVICE, enabled=case.precision == "fp16")
     accumulation = -(-case.target // case.micro)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     model.train()
     started = time.perf_counter()
     for start in range(0, len(y), case.target):
         step = order[start : start + case.target]
-        xs, ys = X[step], y[step]
+        xs, ys = X[step].to(DEVICE, non_blocking=True), y[step].to(DEVICE, non_blocking=True)
         for i in range(0, len(step), case.micro):
-            with torch.autocast("cpu", dtype=dtype, enabled=case.precision != "fp32"):
+            with torch.autocast(DEVICE, dtype=dtype, enabled=case.precision != "fp32"):
                 loss = nn.functional.cross_entropy(model(xs[i : i + case.micro]), ys[i : i + case.micro])
             scaler.scale(loss / accumulation).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -66,7 +72,7 @@ def autobatch_epoch(case: Case, model: nn.Module, seed: int) -> float:
         target_batch=case.target,
         micro_batch=case.micro,
         precision=case.precision,
-        device="cpu",
+        device=DEVICE,
         seed=seed,
         progress=False,
     )
@@ -95,12 +101,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on shared CPUs)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (the GPU then runs fp16 where a case says bf16)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*BatchNorm")  # expected here: accumulation > 1
     rows = []
     for case in cases():
+        if DEVICE == "cuda" and case.precision == "bf16":
+            case.precision = "fp16"  # the GPU's mixed precision, with the GradScaler
         samples = len(case.data[1])
         torch.manual_seed(0)
         # Warm both paths once (allocator, kernels) before timing.
@@ -129,7 +142,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"median of {args.rounds} alternating rounds, one epoch each, torch threads = {args.threads}\n")
+    print(
+        f"median of {args.rounds} alternating rounds, one epoch each, on {DEVICE}, "
+        f"torch threads = {args.threads}\n"
+    )
     print(
         "| case | hand-written (s) | autobatch.fit (s) | ratio (median of pairs) | ratio of best rounds "
         "| hand samples/s | fit samples/s |"

@@ -199,7 +199,7 @@ def limit_for(model: nn.Module, data: Any, target: int, *, lo: int = 8, hi: int 
     extrapolates the line through them to ``target`` and adds half a sample; the whole step's peak at
     batch 1 (the optimizer step's own peak) is a floor. The exact maximum is for the caller to find.
     """
-    options = {**options, "memory_limit": "1GiB"}
+    options = {**options, "memory_limit": "1GiB", "emulation": "ideal"}
     small = try_batch(model, data, lo, **options)
     large = try_batch(model, data, hi, **options)
     one = try_batch(model, data, 1, **options)

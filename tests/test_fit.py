@@ -59,7 +59,13 @@ def limit_for(batch: int, precision: str = "fp32") -> int:
     """The emulated memory under which the MLP's full training step fits at ``batch``, and barely."""
     model = mlp()
     trial = try_batch(
-        model, make_data(), batch, optimizer=sgd(model), precision=precision, memory_limit="64MiB"
+        model,
+        make_data(),
+        batch,
+        optimizer=sgd(model),
+        precision=precision,
+        memory_limit="64MiB",
+        emulation="ideal",
     )
     assert trial.fitted and trial.peak_bytes is not None
     return trial.peak_bytes
@@ -485,6 +491,7 @@ def test_oom_on_the_emulated_device_for_long_sequences(recorder: Recorder) -> No
             optimizer=sgd(model),
             precision="fp32",
             memory_limit="64MiB",
+            emulation="ideal",
         )
         assert trial.peak_bytes is not None
         return trial.peak_bytes
@@ -950,3 +957,20 @@ def test_cuda_fit_fp16_accumulates_and_survives_a_real_oom() -> None:
     assert result.backoffs, "the injected OOM must have been survived by backing off"
     assert all(math.isfinite(loss) for loss in result.losses)
     assert torch.cuda.get_per_process_memory_fraction() == 1.0  # the cap is lifted afterwards
+
+
+# -- an emulated device with CUDA's caching allocator ----------------------------------------------------
+
+
+def test_the_probed_micro_batch_trains_20_steps_through_the_allocator_without_an_oom() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20 * 160, 2048, generator=g), torch.randint(0, 10, (20 * 160,), generator=g)
+    result = fit(
+        model, (X, y), 160, optimizer=sgd(model), precision="fp32", device="cpu", progress=False,
+        memory_limit="24MiB", emulation="allocator", shuffle=False,
+    )  # fmt: skip
+    assert result.probe is not None and result.probe.limit_kind.endswith("CUDA's caching allocator)")
+    assert result.plan.accumulation_steps > 1  # micro-batches of the probed size, accumulated
+    assert result.optimizer_steps == 20 and result.backoffs == [] and result.skipped_steps == 0

@@ -173,3 +173,35 @@ def test_cuda_cap_is_set_and_restored() -> None:
         x = torch.empty(64 * MiB, dtype=torch.uint8, device=device)
     assert measured.peak_bytes is not None and measured.peak_bytes >= 64 * MiB
     del x
+
+
+@pytest.mark.parametrize(
+    ("limit", "emulation", "allocator"),
+    [(MiB, "auto", False), (64 * MiB, "auto", True), (64 * MiB, "ideal", False), (MiB, "allocator", True)],
+)
+def test_the_emulation_follows_the_option_and_the_limit(limit: int, emulation: str, allocator: bool) -> None:
+    memory = DeviceMemory(CPU, limit, emulation)
+    assert memory.emulated and memory.allocator is allocator and memory.counts_reserved is allocator
+    assert memory.describe().endswith("(emulated, CUDA's caching allocator)" if allocator else "(emulated)")
+
+
+def test_the_allocator_caps_reserved_memory() -> None:
+    memory = DeviceMemory(CPU, 4 * MiB, "allocator")
+    with memory.measure() as measured:
+        held = [torch.ones(200_000) for _ in range(4)]  # 800 KB each: two fit a 2 MiB small segment
+        assert measured.peak_so_far() == 4 * MiB
+        with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+            torch.ones(200_000)  # a third segment would take reserved memory to 6 MiB
+        del held
+    assert measured.peak_bytes == measured.reserved_bytes == 4 * MiB
+
+
+def test_a_trace_records_the_allocations_in_order() -> None:
+    memory = DeviceMemory(CPU, MiB)
+    weight = torch.zeros(100)
+    with memory.measure([weight], trace=True) as measured:
+        a = torch.ones(10)
+        b = a * 2
+        del a
+        del b
+    assert measured.trace == ((400,), (("alloc", 1, 40), ("alloc", 2, 40), ("free", 1), ("free", 2)))
