@@ -815,3 +815,13 @@ def test_cache_dir_comes_from_the_environment(
     code, out, _ = run(capsys, "cache", "show", "--json")
     assert code == EXIT_OK and json.loads(out)["directory"] == str(tmp_path / "env-cache")
     assert len(json.loads(out)["entries"]) == 1
+
+
+def test_the_emulation_flag_reaches_the_probe(
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", "8MiB", "--emulation", "allocator")
+    assert code == EXIT_OK and out["limit_kind"] == "8.00 MiB (emulated, CUDA's caching allocator)"
+    assert all(t["reserved_bytes"] is not None for t in out["trials"] if t["fitted"])
+    code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", "8MiB", "--emulation", "ideal")
+    assert code == EXIT_OK and out["limit_kind"] == "8.00 MiB (emulated)"

@@ -342,3 +342,14 @@ def test_the_assertions_never_use_the_probe_cache(tmp_path: Any, monkeypatch: py
     with pytest.raises(AssertionError):
         assert_fits(model, (torch.randn(8), 1), 64, memory_limit="8KiB", precision="fp32")
     assert ProbeCache().entries() == []
+
+
+def test_a_gpu_sized_limit_runs_on_the_allocator_model() -> None:
+    """memory_limit markers of GPU sizes (64 MiB and up) emulate CUDA's caching allocator on the CPU."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    with memory_limit_scope("128MiB"):
+        trial = assert_fits(model, (torch.randn(64), 3), 256, device="cpu", precision="fp32")
+    assert trial.reserved_bytes == 2 << 20  # one small-pool segment: reserved, not live, memory
+    with memory_limit_scope("8MiB"):
+        small = assert_fits(model, (torch.randn(64), 3), 256, device="cpu", precision="fp32")
+    assert small.reserved_bytes is None  # small emulated devices count live bytes
