@@ -95,6 +95,7 @@ def fit(
     result.skipped_steps, result.nonfinite_steps = loop.skipped_steps, loop.nonfinite_steps
     result.backoffs, result.regrowths = loop.backoffs, loop.regrowths
     result.optimizer_steps, result.samples = loop.steps, loop.samples
+    result.cpu_threads = session.cpu_threads
     result.seconds = time.perf_counter() - started
     return result
 

@@ -238,9 +238,19 @@ class StepOptions(_Group):
     )
 
 
+def _check_threads(value: Any, name: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.isdigit():  # from the command line
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageValueError(f"Expected `{name}` to be 'auto' or a positive int, but got {value!r}.")
+    return value
+
+
 @dataclass(frozen=True)
 class MemoryOptions(_Group):
-    """The device, and the memory a step may use on it."""
+    """The device: where a step runs, and the memory it may use there."""
 
     memory_limit: int | str | None = option(
         None,
@@ -260,6 +270,14 @@ class MemoryOptions(_Group):
         "how an emulated device applies the limit: 'ideal' caps live tensor bytes, 'allocator' caps "
         "reserved memory as CUDA's caching allocator holds it; 'auto' is 'allocator' from 64 MiB up",
         cli=Cli("--emulation", choices=EMULATIONS),
+    )
+    cpu_threads: int | str = option(
+        "auto",
+        _check_threads,
+        "CPU threads for the probe and training on the CPU: 'auto' is 1 unless you set a number "
+        "(OMP_NUM_THREADS, torch.set_num_threads); small CPU models train fastest on one",
+        keyed=False,
+        cli=Cli("--cpu-threads", metavar="N"),
     )
 
 

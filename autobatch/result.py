@@ -293,6 +293,7 @@ class FitResult:
         samples: training samples processed (each once per epoch).
         train_seconds: wall time of the training epochs (probe and evaluation excluded).
         seconds: wall time of the whole call.
+        cpu_threads: the CPU threads the probe and training ran on (``None`` off the CPU).
     """
 
     probe: ProbeResult | None
@@ -309,6 +310,7 @@ class FitResult:
     samples: int = 0
     train_seconds: float = 0.0
     seconds: float = 0.0
+    cpu_threads: int | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -338,6 +340,7 @@ class FitResult:
             "train_seconds": self.train_seconds,
             "seconds": self.seconds,
             "samples_per_second": self.samples_per_second,
+            "cpu_threads": self.cpu_threads,
         }
 
     def __rich__(self) -> Any:
@@ -355,7 +358,12 @@ class FitResult:
         if self.losses:
             table.add_row("loss", f"{self.losses[0]:.4f} → {self.losses[-1]:.4f}")
         table.add_row("OOM back-offs", str(len(self.backoffs)))
-        table.add_row("throughput", f"{self.samples_per_second:,.0f} samples/s")
+        threads = (
+            f" on {self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}"
+            if self.cpu_threads
+            else ""
+        )
+        table.add_row("throughput", f"{self.samples_per_second:,.0f} samples/s{threads}")
         if self.report is not None:
             table.add_row("accuracy", f"{self.report.accuracy:.4f}")
         table.add_row("wall time", f"{self.seconds:.1f} s")

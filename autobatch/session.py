@@ -29,6 +29,7 @@ from autobatch.options import Options
 from autobatch.planner import plan
 from autobatch.state import preserved_rng, restore_rng, rng_state
 from autobatch.step import resolve_precision, smallest_batch
+from autobatch.threads import cpu_threads
 
 __all__ = ["Session", "resolve"]
 
@@ -65,6 +66,7 @@ class Session:
     scheduler: Any = None
     order_seed: int = 0
     sync_buffers: bool = False
+    cpu_threads: int | None = None
     _undo: list[Any] = field(default_factory=list, repr=False)
 
     @property
@@ -83,17 +85,19 @@ class Session:
         fit = self.options.entry == "fit"
         saved = _Saved.take(self.model, self.optimizer) if fit else None
         self._undo = [saved] if saved is not None else []
-        try:
-            self.group = distributed.setup(self.device)
-            if self.group is not None:
-                self._check_ranks_agree()
-            if fit:
-                self._start_training()
-            yield self
-        except BaseException:
-            for undo in self._undo:
-                undo.restore()
-            raise
+        with cpu_threads(self.options.memory.cpu_threads, self.device) as threads:
+            self.cpu_threads = threads
+            try:
+                self.group = distributed.setup(self.device)
+                if self.group is not None:
+                    self._check_ranks_agree()
+                if fit:
+                    self._start_training()
+                yield self
+            except BaseException:
+                for undo in self._undo:
+                    undo.restore()
+                raise
 
     def training_began(self) -> None:
         """From here on, a failure leaves the model where training left it."""

@@ -50,3 +50,33 @@ def test_full_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["plan"]["accumulation_steps"] > 1 and out["plan"]["effective_batch"] == 32
     assert out["evals"][-1]["accuracy"] >= 0.95
     assert out["evals"][-1]["samples"] == 450
+
+
+def _demo_threads(env: dict[str, str]) -> int:
+    """The CPU threads ``autobatch demo`` trained on, run as a user runs it: the console script."""
+    import os
+    import shutil
+    import subprocess
+
+    script = shutil.which("autobatch")
+    assert script is not None
+    done = subprocess.run(
+        [script, "demo", "--epochs", "1", "--no-cache", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(json.loads(done.stdout)["cpu_threads"])
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_one_cpu_thread_in_a_users_environment() -> None:
+    """The thread policy as a newcomer meets it: no thread pinning anywhere, and still one thread."""
+    assert _demo_threads({}) == 1
+
+
+@pytest.mark.slow
+def test_a_thread_count_the_user_chose_is_kept() -> None:
+    assert _demo_threads({"OMP_NUM_THREADS": "2"}) == 2
