@@ -81,7 +81,8 @@ def fit(
         if session.is_main:
             logger.info("plan: %s", initial.describe())
             warn_batchnorm(session.model, initial)
-        loop = TrainLoop(session, _training_stepper(session), micro)
+        fixed = probed.fixed_bytes if probed is not None else None
+        loop = TrainLoop(session, _training_stepper(session), micro, fixed)
         result = FitResult(probe=probed, plan=initial, final_plan=initial)
         with session.memory.capped():
             for epoch in range(train.epochs):
@@ -128,10 +129,11 @@ def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int) 
         batch_size=start,
         target_names=evaluation.target_names,
         predict_fn=evaluation.predict_fn,
+        kind=session.eval_kind,
         epoch=epoch,
         group=session.group,
     )
-    logger.info("epoch %d: accuracy %.4f", epoch + 1, report.accuracy)
+    logger.info("epoch %d: %s evaluation, %s", epoch + 1, report.kind, report.headline())
     return report
 
 
@@ -204,7 +206,9 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
 
     Args:
         model: the model, on the device to test.
-        data: as for :func:`probe`; the batch holds its ``batch_size`` largest samples.
+        data: as for :func:`probe`; the batch holds its ``batch_size`` largest samples. Where samples
+            differ in size, a padded batch of that size (the largest but one, with the smallest) must fit
+            too, as in the probe.
         batch_size: the batch to try.
         steps: optimizer steps to run at ``batch_size`` after the warm-up; the trial fits only if all of
             them do, and its peak is the highest of them.
@@ -233,7 +237,7 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
                 return Trial(batch_size, False, None, time.perf_counter() - started)
             started = time.perf_counter()
             try:
-                peaks = [prober.trial(batch_size) for _ in range(steps)]
+                peaks = [prober.fits(batch_size) for _ in range(steps)]
             except OutOfMemory:
                 return Trial(batch_size, False, None, time.perf_counter() - started)
 

@@ -147,10 +147,10 @@ class _Digest:
             for key in sorted(value, key=repr):
                 self.value(key)
                 self.value(value[key])
+        elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial, type)):
+            self.add(value)  # before arrays: a class such as torch.Tensor has `shape` and `dtype` too
         elif hasattr(value, "shape") and hasattr(value, "dtype"):  # tensors and arrays: not their values
             self.text("array", tuple(value.shape), value.dtype)
-        elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial, type)):
-            self.add(value)
         else:  # an object: its type and its plain attributes (a flag, a count), never its address
             self.text("object", type(value).__module__, type(value).__qualname__)
             for name, attribute in sorted(getattr(value, "__dict__", {}).items()):

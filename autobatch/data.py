@@ -114,7 +114,7 @@ class DataSource:
             ) from None
         if self.length == 0:
             raise UsageValueError(f"Expected `{name}` to be a non-empty dataset, but got one with 0 samples.")
-        self._order_by_size: dict[SizeFn, list[int]] = {}
+        self._order_by_size: dict[SizeFn, tuple[list[int], list[float]]] = {}
 
     def __len__(self) -> int:
         return self.length
@@ -184,8 +184,12 @@ class DataSource:
 
     def largest_first(self, size_fn: SizeFn | None = None) -> list[int]:
         """Sample indices from the largest to the smallest, by ``size_fn`` (ties keep dataset order)."""
+        return self._sized(size_fn)[0]
+
+    def _sized(self, size_fn: SizeFn | None) -> tuple[list[int], list[float]]:
+        """The indices from the largest sample to the smallest, and their sizes (sized once per fn)."""
         if self.uniform and size_fn is None:
-            return list(range(self.length))
+            return list(range(self.length)), [1.0] * self.length
         fn = size_fn or default_size
         if fn in self._order_by_size:  # the probe asks once per trial: size the dataset once
             return self._order_by_size[fn]
@@ -199,13 +203,34 @@ class DataSource:
                 SIZE_SCAN_LIMIT,
                 self.length,
             )
-        order = sorted(candidates, key=lambda i: -fn(self.dataset[i]))
-        self._order_by_size[fn] = order
-        return order
+        sizes = {i: float(fn(self.dataset[i])) for i in candidates}
+        order = sorted(candidates, key=lambda i: -sizes[i])
+        self._order_by_size[fn] = (order, [sizes[i] for i in order])
+        return self._order_by_size[fn]
 
     def worst_case(self, batch_size: int, size_fn: SizeFn | None = None) -> Any:
         """A batch of the ``batch_size`` largest samples: the most memory a batch of that size can need."""
         return self.batch(self.largest_first(size_fn)[:batch_size])
+
+    def mixed_case(self, batch_size: int, size_fn: SizeFn | None = None) -> Any | None:
+        """The ``batch_size - 1`` largest samples and the smallest one, or ``None`` when that is no other
+        batch than :meth:`worst_case` (one sample, or samples all of one size).
+
+        Collated together the small sample is padded: a model may then take another path than on the
+        all-longest batch (BERT builds a 4-D attention mask only when some position is padding), and a
+        padded batch of the longest shape is what training meets all the time.
+        """
+        indices = self.mixed_indices(batch_size, size_fn)
+        return None if indices is None else self.batch(indices)
+
+    def mixed_indices(self, batch_size: int, size_fn: SizeFn | None = None) -> list[int] | None:
+        """The samples of :meth:`mixed_case` (``None`` where there is none), without reading them twice."""
+        if batch_size < 2 or (self.uniform and size_fn is None):
+            return None
+        order, sizes = self._sized(size_fn)
+        if sizes[min(batch_size, len(order)) - 1] == sizes[-1]:
+            return None
+        return [*order[: batch_size - 1], order[-1]]
 
     def loader(self, steps: Sequence[list[int]]) -> Iterator[StepData]:
         """Yield each step's samples, read with the original DataLoader's worker settings."""

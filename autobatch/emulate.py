@@ -234,7 +234,9 @@ class EmulatedDevice(TorchDispatchMode):
         except AllocatorOutOfMemory as exc:
             for handle in handles:
                 self.allocator.free(handle)
-            raise torch.OutOfMemoryError(f"Emulated device out of memory. {exc}") from None
+            error = torch.OutOfMemoryError(f"Emulated device out of memory. {exc}")
+            error.demand_bytes = exc.reserved + exc.segment_size  # type: ignore[attr-defined]
+            raise error from None
         return handles
 
     def transfer(self, batch: Any) -> Any:
@@ -288,7 +290,9 @@ class EmulatedDevice(TorchDispatchMode):
             # traceback's frame.
             out = None
             new.clear()
-            raise torch.OutOfMemoryError(self._oom_message(request))
+            error = torch.OutOfMemoryError(self._oom_message(request))
+            error.demand_bytes = self.allocated_bytes + request  # type: ignore[attr-defined]
+            raise error
         for st in new:
             self._track(st)
         for key in grown:

@@ -12,6 +12,11 @@ Two families:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the command line imports this module without torch
+    from autobatch.footprint import ModelState
+
 __all__ = [
     "AutobatchError",
     "NoBatchFitsError",
@@ -45,7 +50,12 @@ class NoBatchFitsError(AutobatchError):
 
     Attributes:
         memory_limit: the limit in bytes the step ran under, or ``None`` when unknown.
-        model_state_bytes: bytes held between steps (weights, gradients, optimizer state), when known.
+        model_state: what the step holds whatever the batch (:class:`~autobatch.footprint.ModelState`:
+            ``weights``, ``gradients``, ``optimizer`` in bytes, and ``estimated`` when the optimizer's
+            state never existed and was estimated from its kind), when known.
+        model_state_bytes: ``model_state.total``, when known.
+        needed_bytes: the smallest limit that would do: the peak of one step of the smallest batch,
+            measured without the limit (``None`` where there was nothing roomier to measure on).
     """
 
     def __init__(
@@ -53,11 +63,14 @@ class NoBatchFitsError(AutobatchError):
         message: str,
         *,
         memory_limit: int | None = None,
-        model_state_bytes: int | None = None,
+        model_state: ModelState | None = None,
+        needed_bytes: int | None = None,
     ) -> None:
         super().__init__(message)
         self.memory_limit = memory_limit
-        self.model_state_bytes = model_state_bytes
+        self.model_state = model_state
+        self.model_state_bytes = model_state.total if model_state is not None else None
+        self.needed_bytes = needed_bytes
 
 
 class OptimizerStepError(AutobatchError):

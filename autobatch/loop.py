@@ -4,9 +4,12 @@ Each optimizer step reads its samples once, cuts them into the plan's chunks, co
 own and runs them through :func:`~autobatch.transaction.run_step`, weighting every micro-loss by its share
 of the step (its samples, or its items with ``num_items``) so that the accumulated gradient equals the
 gradient of the whole batch even for uneven chunks. When a micro-step runs out of memory, the step's
-gradients are dropped, the micro-batch is halved and the same step is redone from its first sample:
-nothing from the partial step is applied, and no sample is lost or seen twice. After ``regrow_after``
-clean steps the micro-batch grows back towards the probed size.
+gradients are dropped and the same step is redone from its first sample with a smaller micro-batch:
+nothing from the partial step is applied (the normalisation layers' running statistics are put back
+too), and no sample is lost or seen twice. The smaller size is measured, not guessed: the largest that
+the memory model says fits after what the failed micro-batch was measured to need
+(:mod:`autobatch.backoff`). After ``regrow_after`` clean steps the micro-batch grows back towards the
+probed size.
 
 BatchNorm models never get a micro-batch, nor a rank's share, of one sample (BatchNorm cannot train on
 one): a lone last sample of an epoch joins the step before it, and a chunk of one joins its neighbour.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -26,13 +30,16 @@ from tqdm.auto import tqdm
 
 from autobatch import distributed
 from autobatch._tree import batch_size_of
+from autobatch.backoff import largest_fitting, peak_without_limit
 from autobatch.data import StepData
 from autobatch.errors import NoBatchFitsError, NonFiniteLossError, OptimizerStepError, UsageValueError
+from autobatch.footprint import model_state
 from autobatch.planner import Plan, plan
 from autobatch.result import Backoff
 from autobatch.session import Session
 from autobatch.step import Stepper, batchnorm_layers
 from autobatch.transaction import StepOutcome, run_step
+from autobatch.units import format_bytes
 
 __all__ = ["NONFINITE_STREAK", "NumItemsFn", "TrainLoop", "warn_batchnorm"]
 
@@ -79,9 +86,13 @@ class TrainLoop:
         session: the started session (model, data, group, scheduler, options).
         stepper: the step function, bound to model, optimizer, scaler and device memory.
         micro_batch: the micro-batch to start with (the probed one); never exceeded.
+        fixed_bytes: the memory a step needs whatever its batch, from the probe's memory model (``None``:
+            the model state is taken instead); back-offs are measured with it.
     """
 
-    def __init__(self, session: Session, stepper: Stepper, micro_batch: int) -> None:
+    def __init__(
+        self, session: Session, stepper: Stepper, micro_batch: int, fixed_bytes: float | None = None
+    ) -> None:
         train = session.options.train
         self.session = session
         self.stepper = stepper
@@ -93,6 +104,12 @@ class TrainLoop:
         self.num_items: NumItemsFn | None = train.num_items
         self.regrow_after = train.regrow_after
         self.floor = session.floor
+        self.fixed_bytes = fixed_bytes
+        self.capacity = session.memory.capacity
+        # A failed micro-batch is measured on this rank alone: not where its forward is a collective.
+        self._measurable = self.group is None or not any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in session.model.modules()
+        )
         self.skipped_steps = 0
         self.nonfinite_steps = 0
         self.steps = 0
@@ -115,13 +132,20 @@ class TrainLoop:
             return [batch_size_of(p) / samples for p in parts]
         return [float(self.num_items(p)) / items for p in parts]
 
-    def _count_items(self, data: StepData | None, failure: BaseException | None) -> float:
-        """The items (e.g. non-padding tokens) of the whole step, over all ranks."""
+    def _counted(
+        self, collate: Callable[[int], list[Any]], micro: int, failure: BaseException | None
+    ) -> tuple[list[Any], float]:
+        """The step's micro-batches of ``micro`` and their items (e.g. non-padding tokens) over all ranks.
+
+        Counted on the micro-batches themselves, so that the weights add up to one whatever collation
+        does to them; a failure to collate or count is agreed on by every rank.
+        """
         assert self.num_items is not None
-        items = 0.0
+        items, parts = 0.0, []
         try:
-            if failure is None and data is not None:
-                items = float(self.num_items(data.collate(0, len(data))))
+            if failure is None:
+                parts = collate(micro)
+                items = math.fsum(float(self.num_items(part)) for part in parts)
         except Exception as exc:
             failure = exc
         distributed.agree(self.group, failure, "counting num_items")
@@ -131,7 +155,7 @@ class TrainLoop:
             raise UsageValueError(
                 f"Expected `num_items` to count at least one item in a step, but it counted {items}."
             )
-        return items
+        return parts, items
 
     def optimizer_step(
         self, data: StepData | None, samples: int, failure: BaseException | None = None
@@ -146,38 +170,77 @@ class TrainLoop:
         Returns:
             The step's loss over every rank (NaN or infinite for a skipped non-finite step).
         """
-        items = self._count_items(data, failure) if self.num_items is not None else None
         n = len(data) if data is not None else 0
         # Every rank starts from the same micro-batch, so that all back off alike.
         first = micro = min(self.micro, max(1, -(-samples // self.world_size)))
 
-        def pieces() -> list[tuple[Any, float]]:
-            if failure is not None:
-                raise failure  # agreed on by every rank inside the step
+        def collate(size: int) -> list[Any]:
             if data is None or n == 0:
                 return []
-            parts = data.pieces(_chunk_bounds(micro, n, min(self.floor, n)))
+            return data.pieces(_chunk_bounds(size, n, min(self.floor, n)))
+
+        def pieces(parts: list[Any] | None, items: float | None) -> list[tuple[Any, float]]:
+            if failure is not None:
+                raise failure  # agreed on by every rank inside the step
+            parts = collate(micro) if parts is None else parts
             return list(zip(parts, self._weights(parts, samples, items), strict=True))
 
         while True:
-            outcome = run_step(self.stepper, pieces, group=self.group, ddp=self.session.ddp)
+            parts, items = None, None
+            if self.num_items is not None:  # the items of the micro-batches this attempt runs
+                parts, items = self._counted(collate, micro, failure)
+            outcome = run_step(
+                self.stepper,
+                functools.partial(pieces, parts, items),
+                group=self.group,
+                ddp=self.session.ddp,
+            )
+            del parts
             if outcome.fitted:
                 break
             if outcome.phase == "optimizer step":
                 raise self._optimizer_error(outcome)
             if micro <= self.floor:
+                state = model_state(self.stepper.model, self.stepper.optimizer)
                 raise NoBatchFitsError(
                     f"The training step ran out of memory even with a micro-batch of {micro} "
-                    f"sample{'s' if micro != 1 else ''} (on rank(s) {list(outcome.oom_ranks)})."
+                    f"sample{'s' if micro != 1 else ''} (on rank(s) {list(outcome.oom_ranks)}); it holds "
+                    f"{state.describe()} of model state before any activation.",
+                    memory_limit=self.session.memory.limit,
+                    model_state=state,
                 )
-            smaller = max(self.floor, micro // 2)
-            self._backed_off(micro, smaller)
+            smaller, need = self._smaller(micro, outcome, data)
+            self._backed_off(micro, smaller, need)
             micro = smaller
         if micro < first:  # backed off: train on with the micro-batch that fitted
             self.micro = micro
         self.session.training_began()  # a failure from here on leaves the model where training left it
         self._finish(outcome, samples)
         return outcome.loss
+
+    def _smaller(self, micro: int, outcome: StepOutcome, data: StepData | None) -> tuple[int, int | None]:
+        """The micro-batch to redo the step with after ``micro`` ran out of memory, agreed on by every rank
+        (the smallest), and what this rank's failed micro-batch was measured to need (see
+        :mod:`autobatch.backoff`)."""
+        size, need = micro - 1, None
+        if self.group is None or self.group.rank in outcome.oom_ranks:
+            bounds = _chunk_bounds(micro, len(data), min(self.floor, len(data))) if data else ()
+            failed = micro
+            if data is not None and outcome.failed_piece is not None and outcome.failed_piece < len(bounds):
+                start, stop = bounds[outcome.failed_piece]
+                failed = stop - start  # the chunk that failed, which may be below micro
+                if self._measurable:
+                    need = peak_without_limit(self.stepper, data.collate(start, stop), self.session.memory)
+            need = need if need is not None else outcome.demand_bytes
+            state = model_state(self.stepper.model, self.stepper.optimizer)
+            if need is not None and state.estimated:  # before the first update: at steady state Adam's
+                need += state.optimizer  # moments take their memory too
+            fixed = self.fixed_bytes if self.fixed_bytes is not None else state.total
+            measured = largest_fitting(failed, need, self.capacity, fixed)
+            size = micro // 2 if measured is None else min(measured, failed - 1)
+        if self.group is not None:
+            size = int(self.group.min([size])[0])
+        return max(self.floor, min(size, micro - 1)), need
 
     def _finish(self, outcome: StepOutcome, samples: int) -> None:
         self.steps += 1
@@ -234,12 +297,18 @@ class TrainLoop:
             step=step,
         )
 
-    def _backed_off(self, old: int, new: int) -> None:
+    def _backed_off(self, old: int, new: int, demand: int | None) -> None:
         self.backoffs.append(Backoff(self._epoch, self.steps, old, new))
         self._clean_steps = 0
+        needed = (
+            f" (it needs {format_bytes(demand)} of {format_bytes(self.capacity)})"
+            if demand is not None and self.capacity is not None
+            else ""
+        )
         logger.warning(
-            "out of memory at micro-batch %d (epoch %d, step %d): redoing the step with %d; plan %s",
+            "out of memory at micro-batch %d%s (epoch %d, step %d): redoing the step with %d; plan %s",
             old,
+            needed,
             self._epoch + 1,
             self.steps + 1,
             new,

@@ -154,6 +154,23 @@ class DeviceMemory:
         guarded.guard = True
         return guarded
 
+    def roomy(self) -> DeviceMemory | None:
+        """This device without the limit, to measure what a step that failed under it needs; ``None``
+        where nothing is roomier (no limit was set). An emulated device stays emulated, counting as before,
+        under half the host's available RAM (a guard: the host is never run out of memory)."""
+        if self.limit is None or self.guard:
+            return None
+        if self.emulated:
+            roomy = DeviceMemory(self.device, default_cpu_limit(), "allocator" if self.allocator else "ideal")
+        else:  # CUDA under a memory_limit: the whole card (capped() lifts the cap inside its block)
+            roomy = DeviceMemory(self.device, self.capacity_of_device(), self.emulation)
+        roomy.guard = True
+        return roomy
+
+    def capacity_of_device(self) -> int:
+        """The CUDA device's total memory."""
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
     @property
     def counts_reserved(self) -> bool:
         """Whether the limit caps reserved memory (CUDA, the allocator model) rather than live bytes."""
@@ -165,7 +182,7 @@ class DeviceMemory:
         if self.limit is not None:
             return self.limit
         if self.is_cuda:
-            return int(torch.cuda.get_device_properties(self.device).total_memory)
+            return self.capacity_of_device()
         return None
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ import torch
 
 from autobatch.errors import AutobatchError, NoBatchFitsError
 
-__all__ = ["frozen_heap", "is_oom", "release_memory", "run_shrinking"]
+__all__ = ["demand_bytes", "frozen_heap", "is_oom", "release_memory", "run_shrinking"]
 
 T = TypeVar("T")
 
@@ -85,6 +86,40 @@ def is_oom(exc: BaseException) -> bool:
         return False
     message = str(exc)
     return any(pattern in message for pattern in _OOM_MESSAGES)
+
+
+_SIZE = r"([0-9]+(?:\.[0-9]+)?) (bytes|B|KiB|MiB|GiB|TiB)"
+_SCALE = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_DEMAND_PARTS = (
+    re.compile("Tried to allocate " + _SIZE),
+    re.compile(_SIZE + " is allocated by PyTorch"),
+    re.compile(_SIZE + " is reserved by PyTorch but unallocated"),
+)
+
+
+def demand_bytes(exc: BaseException) -> int | None:
+    """What the failed allocation would have brought the device's memory to, or ``None`` when unknown.
+
+    A lower bound of what the failed step needed, in the units of the limit: reserved memory plus the
+    request where the limit caps reserved memory (CUDA, the emulated allocator), live bytes plus the
+    request on the ideal emulated device. The emulated device says so itself (``demand_bytes``); a CUDA
+    error's message is read (the request, the memory allocated and the memory reserved but unallocated).
+
+    Example:
+        >>> demand_bytes(RuntimeError(
+        ...     "CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total capacity of 8.00 GiB of "
+        ...     "which 1.00 MiB is free. Of the allocated memory 7.00 GiB is allocated by PyTorch, and "
+        ...     "10.00 MiB is reserved by PyTorch but unallocated.")) == 7 * 2**30 + 12 * 2**20
+        True
+    """
+    given = getattr(exc, "demand_bytes", None)
+    if isinstance(given, int) and not isinstance(given, bool):
+        return given
+    message = str(exc)
+    matches = [pattern.search(message) for pattern in _DEMAND_PARTS]
+    if matches[0] is None or matches[1] is None:
+        return None
+    return sum(int(float(m.group(1)) * _SCALE[m.group(2)]) for m in matches if m is not None)
 
 
 def release_memory(*optimizers_or_models: torch.optim.Optimizer | torch.nn.Module) -> None:

@@ -62,6 +62,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 EMULATIONS = ("auto", "ideal", "allocator")
+EVAL_TASKS = ("auto", "classification", "causal_lm", "masked_lm")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,7 +275,7 @@ class MemoryOptions(_Group):
     cpu_threads: int | str = option(
         "auto",
         _check_threads,
-        "CPU threads for the probe and training on the CPU: 'auto' is 1 unless you set a number "
+        "threads for the probe and training on the CPU: 'auto' is 1 unless you set a number "
         "(OMP_NUM_THREADS, torch.set_num_threads); small CPU models train fastest on one",
         keyed=False,
         cli=Cli("--cpu-threads", metavar="N"),
@@ -384,6 +385,13 @@ class EvalOptions(_Group):
     target_names: tuple[str, ...] | None = option(
         None, _check_target_names, "class names for the classification report"
     )
+    eval_task: str = option(
+        "auto",
+        _choice(EVAL_TASKS),
+        "'classification' (sklearn's classification_report), 'causal_lm' (loss, perplexity and next-token "
+        "accuracy, labels shifted), 'masked_lm' (the same, unshifted); 'auto' tells a Hugging Face "
+        "language model by its class",
+    )
 
 
 GROUPS: dict[str, type[_Group]] = {
@@ -464,12 +472,22 @@ class Options:
                     "Drop them, or drop micro_batch to let fit probe."
                 )
         if self.eval.eval_data is None:
-            clash = sorted(self.given & {"eval_batch", "predict_fn", "target_names"})
+            clash = sorted(self.given & {"eval_batch", "predict_fn", "target_names", "eval_task"})
             if clash:
                 raise UsageValueError(
                     f"Expected `eval_data` with {', '.join(f'`{n}`' for n in clash)}, but got no eval_data: "
                     "they only apply to evaluation."
                 )
+        if self.eval.predict_fn is not None and self.eval.eval_task != "auto":
+            raise UsageValueError(
+                f"Expected one of `predict_fn` and `eval_task={self.eval.eval_task!r}`, but got both: "
+                "predict_fn's (predictions, labels) are scored by sklearn's classification_report."
+            )
+        if self.eval.target_names is not None and self.eval.eval_task.endswith("_lm"):
+            raise UsageValueError(
+                f"Expected no `target_names` with `eval_task={self.eval.eval_task!r}`: a language model's "
+                "evaluation reports loss, perplexity and token accuracy, not classes."
+            )
 
 
 def entry_point(entry: str) -> Callable[[F], F]:

@@ -11,19 +11,21 @@ inside that snapshot too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 
 from autobatch.errors import NoBatchFitsError
-from autobatch.memory import tensor_bytes
+from autobatch.footprint import ModelState, model_state
 from autobatch.oom import frozen_heap, release_memory
 from autobatch.result import ProbeResult
-from autobatch.search import OutOfMemory, Peaks, Predictor, Trial, search
+from autobatch.search import OutOfMemory, Peaks, Predictor, SearchOutcome, run_trial, search
 from autobatch.session import Session
 from autobatch.state import snapshot
 from autobatch.step import Stepper
@@ -83,19 +85,26 @@ class Prober:
         self.floor = session.floor
         self.steps = 0
         self.samples = 0  # samples of training work, the warm-up included
-        self.timelines: dict[int, Timeline] = {}
+        self.timelines: dict[str, dict[int, Timeline]] = {"longest": {}, "mixed": {}}
         self._warm = False
-        self.model_state_bytes = tensor_bytes(self.stepper.state_tensors())
         capacity = self.memory.capacity
         if session.group is not None and capacity is not None:
             # Ranks with different limits must still search alike: all predict from the smallest.
             capacity = int(session.group.min([capacity])[0])
         self.capacity = capacity
 
-    def trial(self, batch_size: int) -> Peaks:
-        """One optimizer step on the worst-case batch; raises :class:`OutOfMemory` when it does not fit."""
+    def trial(self, batch_size: int, case: str = "longest") -> Peaks:
+        """One optimizer step on the worst-case batch; raises :class:`OutOfMemory` when it does not fit.
+
+        ``case`` is ``"longest"`` (the ``batch_size`` largest samples) or ``"mixed"`` (the largest but one
+        and the smallest, padded together: :meth:`~autobatch.data.DataSource.mixed_case`).
+        """
         probe = self.session.options.probe
-        batch = self.session.source.worst_case(batch_size, probe.size_fn)
+        source = self.session.source
+        if case == "mixed":
+            batch = source.mixed_case(batch_size, probe.size_fn)
+        else:
+            batch = source.worst_case(batch_size, probe.size_fn)
         # A micro-step after the first adds onto existing gradients: measure that one too.
         weights = (0.5, 0.5) if probe.accumulate else (1.0,)
         outcome = run_step(
@@ -106,10 +115,25 @@ class Prober:
         if not outcome.fitted:
             raise OutOfMemory
         if outcome.trace is not None and self._warm:  # the warm-up's own allocations differ: state is made
-            self.timelines[batch_size] = Timeline(batch_size, *outcome.trace)
-        self.model_state_bytes = max(self.model_state_bytes, tensor_bytes(self.stepper.state_tensors()))
-        logger.debug("probe: batch %d fits, peak %s", batch_size, outcome.step_peak)
+            self.timelines[case][batch_size] = Timeline(batch_size, *outcome.trace)
+        logger.debug("probe: %s batch %d fits, peak %s", case, batch_size, outcome.step_peak)
         return Peaks(outcome.step_peak, outcome.backward_peak, outcome.step_reserved)
+
+    def padded(self, batch_size: int) -> bool:
+        """Whether a batch of ``batch_size`` has a mixed case other than its longest one."""
+        return self.session.source.mixed_indices(batch_size, self.session.options.probe.size_fn) is not None
+
+    def fits(self, batch_size: int) -> Peaks:
+        """Both cases of ``batch_size`` (the mixed one where there is one); raises OutOfMemory."""
+        peaks = self.trial(batch_size)
+        if self.padded(batch_size):
+            mixed = self.trial(batch_size, "mixed")
+            peaks = Peaks(
+                _highest(peaks.step_bytes, mixed.step_bytes),
+                _highest(peaks.backward_bytes, mixed.backward_bytes),
+                _highest(peaks.reserved_bytes, mixed.reserved_bytes),
+            )
+        return peaks
 
     @contextlib.contextmanager
     def restoring(self) -> Iterator[None]:
@@ -144,9 +168,12 @@ class Prober:
     """``"timeline"``: predict from the trials' memory timelines; ``"bisect"``: the search without them,
     from batch ``floor`` (what autobatch did before; the probe benchmark compares the two)."""
 
-    def predictor(self) -> Predictor | None:
-        """The memory model of the trials so far, the same on every rank (``None`` while there is none)."""
-        model = best_fit(list(self.timelines.values()))
+    def predictor(self, case: str = "longest") -> Predictor | None:
+        """The memory model of the trials so far, the same on every rank (``None`` while there is none).
+
+        The longest and the mixed case each have their own: a padded batch may take other paths.
+        """
+        model = best_fit(list(self.timelines[case].values()))
         group = self.session.group
         if group is not None and int(group.min([0.0 if model is None else 1.0])[0]) == 0:
             return None  # every rank predicts, or none does: the searches stay in lockstep
@@ -160,16 +187,22 @@ class Prober:
             if not warm:
                 return False
             try:
-                self.trial(micro_batch)
+                self.fits(micro_batch)
             except OutOfMemory:
                 return False
         return True
 
     def search(self, cap: int) -> ProbeResult:
-        """The search up to ``cap``, from a warm state; raises NoBatchFitsError when nothing fits."""
+        """The search up to ``cap``, from a warm state; raises NoBatchFitsError when nothing fits.
+
+        The search runs on batches of the largest samples. Where the data's samples differ in size, its
+        answer is then confirmed on the mixed case of that size (one step); when that does not fit, a
+        second search on mixed batches, below it, finds the size to take.
+        """
         started = time.perf_counter()
+        timeline = self.strategy == "timeline"
         with self.warm() as warm:
-            outcome = None
+            outcome = mixed = None
             if warm:
                 outcome = search(
                     self.trial,
@@ -178,24 +211,49 @@ class Prober:
                     on_trial=self.session.options.probe.on_trial,
                     # From 2: a batch of one often takes other code paths (a matrix-vector product, a
                     # broadcast), whose timeline would not line up with the next batch's.
-                    start=min(max(2, self.floor), cap) if self.strategy == "timeline" else self.floor,
+                    start=min(max(2, self.floor), cap) if timeline else self.floor,
                     floor=self.floor,
-                    predictor=self.predictor if self.strategy == "timeline" else None,
+                    predictor=self.predictor if timeline else None,
                 )
-        if outcome is None or outcome.best == 0:
+                if outcome.best > 0 and self.padded(outcome.best):
+                    mixed = self.search_mixed(outcome.best, timeline)
+            state = model_state(self.session.model, self.optimizer)
+        if outcome is None or outcome.best == 0 or (mixed is not None and mixed.best == 0):
             raise self.nothing_fits()
-        return self.result(outcome.best, outcome.first_failure, outcome.trials, outcome.model, cap, started)
+        trials = outcome.trials
+        if mixed is not None:
+            trials = trials + mixed.trials
+            if mixed.best < outcome.best:  # the mixed case decides: its failure and its memory model
+                outcome = dataclasses.replace(mixed, trials=trials)
+        outcome.trials = trials
+        return self.result(outcome, state, cap, started)
 
-    def result(
-        self,
-        best: int,
-        first_failure: int | None,
-        trials: list[Trial],
-        model: Any,
-        cap: int,
-        started: float,
-    ) -> ProbeResult:
+    def search_mixed(self, best: int, timeline: bool) -> SearchOutcome:
+        """Confirm ``best`` on its mixed case; where that does not fit, search the mixed case below it,
+        from the smallest batches up, as the first search (its own timelines predict its maximum)."""
+        on_trial = self.session.options.probe.on_trial
+        mixed = partial(self.trial, case="mixed")
+        confirm = run_trial(mixed, best, clock=time.perf_counter, on_trial=on_trial, case="mixed")
+        if confirm.fitted:
+            return SearchOutcome(best, None, [confirm])
+        if best - 1 < self.floor:
+            return SearchOutcome(0, best, [confirm])
+        below = search(
+            mixed,
+            cap=best - 1,
+            limit=self.capacity,
+            on_trial=on_trial,
+            start=min(max(2, self.floor), best - 1) if timeline else self.floor,
+            floor=self.floor,
+            predictor=(lambda: self.predictor("mixed")) if timeline else None,
+            case="mixed",
+        )
+        first_failure = best if below.first_failure is None else below.first_failure
+        return SearchOutcome(below.best, first_failure, [confirm, *below.trials], below.model)
+
+    def result(self, outcome: SearchOutcome, state: ModelState, cap: int, started: float) -> ProbeResult:
         session, probe = self.session, self.session.options.probe
+        best, model = outcome.best, outcome.model
         micro = apply_margin(best, probe.margin, probe.multiple_of)
         if session.group is not None:  # the searches ran in lockstep; this also covers per-rank options
             micro = int(session.group.min([micro])[0])
@@ -208,38 +266,85 @@ class Prober:
         return ProbeResult(
             micro_batch=micro,
             max_fitting_batch=best,
-            first_failure=first_failure,
+            first_failure=outcome.first_failure,
             capped_by=capped_by,
             device=str(session.device),
             precision=session.precision,
             memory_limit=self.memory.limit,
             limit_kind=self.memory.describe(),
-            trials=trials,
+            trials=outcome.trials,
             fixed_bytes=model.fixed_bytes if model else None,
             bytes_per_sample=model.bytes_per_sample if model else None,
-            model_state_bytes=self.model_state_bytes,
+            model_state_bytes=state.total,
+            weights_bytes=state.weights,
+            gradients_bytes=state.gradients,
+            optimizer_state_bytes=state.optimizer,
             optimizer_steps=self.steps,
-            ooms=sum(not t.fitted for t in trials),
+            ooms=sum(not t.fitted for t in outcome.trials),
             margin=probe.margin,
             multiple_of=probe.multiple_of,
             seconds=time.perf_counter() - started,
         )
 
     def nothing_fits(self) -> NoBatchFitsError:
-        """The error of a probe whose smallest batch did not fit, with what to try."""
+        """The error of a probe whose smallest batch did not fit: what the step holds, what would do.
+
+        The smallest limit that would do is measured: the steps of the floor batch run once more on a
+        device without this limit (inside the probe's snapshot, like every trial), where there is one.
+        """
         limit, precision, batch = self.memory.limit, self.session.precision, self.floor
-        hints = ["a larger memory_limit", "a smaller model"]
+        state = model_state(self.session.model, self.optimizer)
+        needed = self.needed_at_floor()
+        if needed is not None:
+            state = model_state(self.session.model, self.optimizer)  # the steps made the optimizer state
+        hints = []
+        if needed is not None:
+            hints.append(f"memory_limit='{format_bytes(needed, up=True)}' or more")
+        else:
+            hints.append("a larger memory_limit")
+        hints.append("a smaller model")
         if precision == "fp32":
-            hints.insert(0, "precision='bf16' (or 'fp16' on CUDA)")
+            hints.insert(1, "precision='bf16' (or 'fp16' on CUDA)")
         hints.append("an optimizer with less state (SGD instead of Adam)")
         where = format_bytes(limit) if limit is not None else "the device capacity"
-        return NoBatchFitsError(
-            f"Not even a batch of {batch} sample{'s' if batch != 1 else ''} fits: the training step ran out "
-            f"of memory under {where} with {format_bytes(self.model_state_bytes)} of model state in "
-            f"{precision}. Try " + ", ".join(hints) + ".",
-            memory_limit=limit,
-            model_state_bytes=self.model_state_bytes,
+        need = (
+            f" One step of {batch} needs {format_bytes(needed)} (measured without the limit)."
+            if needed is not None
+            else ""
         )
+        return NoBatchFitsError(
+            f"Not even a batch of {batch} sample{'s' if batch != 1 else ''} fits under {where} in "
+            f"{precision}: the training step holds {state.describe()} of model state before any "
+            f"activation.{need} Try " + ", ".join(hints) + ".",
+            memory_limit=limit,
+            model_state=state,
+            needed_bytes=needed,
+        )
+
+    def needed_at_floor(self) -> int | None:
+        """The peak of a steady-state step of the floor batch on this device without the limit (the
+        smallest limit that would do), or ``None`` where there is no roomier memory to measure on."""
+        roomy = self.memory.roomy()
+        group = self.session.group
+        if group is not None and int(group.min([0.0 if roomy is None else 1.0])[0]) == 0:
+            return None  # every rank measures, or none does
+        if roomy is None:
+            return None
+        memory, self.stepper.memory = self.stepper.memory, roomy
+        try:
+            with roomy.capped():
+                self.trial(self.floor)  # the warm-up: it makes the optimizer state
+                peaks = self.fits(self.floor)
+        except OutOfMemory:
+            return None
+        finally:
+            self.stepper.memory = memory
+        peak = peaks.reserved_bytes if roomy.counts_reserved else peaks.step_bytes
+        return peak
+
+
+def _highest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 class _Agreed:

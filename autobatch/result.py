@@ -37,7 +37,8 @@ class ProbeResult:
         trials: every measured step (batch, fitted, peak bytes, seconds), in order.
         fixed_bytes: the fitted memory model's constant term (model state and workspace).
         bytes_per_sample: the fitted memory model's slope.
-        model_state_bytes: parameters, buffers, gradients and optimizer state held between steps.
+        model_state_bytes: what a training step holds whatever the batch: the sum of
+            ``weights_bytes`` (parameters and buffers), ``gradients_bytes`` and ``optimizer_state_bytes``.
         optimizer_steps: optimizer steps the probe ran (one per trial, the warm-up included).
         ooms: trials that ran out of memory.
         margin: the fraction left free.
@@ -60,6 +61,9 @@ class ProbeResult:
     fixed_bytes: float | None = None
     bytes_per_sample: float | None = None
     model_state_bytes: int | None = None
+    weights_bytes: int | None = None
+    gradients_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
     optimizer_steps: int = 0
     ooms: int = 0
     margin: float = 0.0
@@ -122,6 +126,19 @@ class ProbeResult:
             + (self._cached_note() if self.cached else "")
         )
 
+    def model_state(self) -> str:
+        """``'1.20 MiB (weights 400 KiB, gradients 400 KiB, optimizer state 800 KiB)'``."""
+        if self.model_state_bytes is None:
+            return "–"
+        parts = (self.weights_bytes, self.gradients_bytes, self.optimizer_state_bytes)
+        if any(part is None for part in parts):
+            return format_bytes(self.model_state_bytes)
+        weights, gradients, state = (format_bytes(p) for p in parts if p is not None)
+        return (
+            f"{format_bytes(self.model_state_bytes)} (weights {weights}, gradients {gradients}, "
+            f"optimizer state {state})"
+        )
+
     def _cached_note(self) -> str:
         return " (from the probe cache, verified)" if self.verified else " (from the probe cache)"
 
@@ -140,7 +157,7 @@ class ProbeResult:
         table.add_column("seconds", justify="right")
         for trial in self.trials:
             table.add_row(
-                str(trial.batch),
+                f"{trial.batch} mixed" if trial.case == "mixed" else str(trial.batch),
                 "[green]yes[/]" if trial.fitted else "[red]OOM[/]",
                 _bytes(trial.peak_bytes),
                 f"{trial.seconds:.3f}",
@@ -148,8 +165,10 @@ class ProbeResult:
         # Below the table, one fact per line: a caption would wrap them to the table's narrow width.
         lines = [
             self.summary(),
-            f"limit {self.limit_kind} · model state {_bytes(self.model_state_bytes)}",
+            f"limit {self.limit_kind} · model state {self.model_state()}",
         ]
+        if any(trial.case == "mixed" for trial in self.trials):
+            lines.append("mixed: the largest samples but one, with the smallest (a padded batch)")
         if self.bytes_per_sample is not None:
             lines.append(
                 f"memory model: {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch"
@@ -166,15 +185,24 @@ class ProbeResult:
 
 @dataclass
 class EvalReport:
-    """Predictions scored by ``sklearn.metrics.classification_report``.
+    """One evaluation: which one ran (``kind``) and its figures.
 
     Attributes:
-        report: the report as a dict (per class precision/recall/F1/support, accuracy, averages).
-        text: the same report as sklearn prints it.
-        accuracy: the share of correct predictions.
+        report: the figures as a dict: sklearn's ``classification_report`` (per class precision, recall,
+            F1 and support, accuracy, averages) for a classification; ``loss``, ``perplexity``,
+            ``token_accuracy`` and ``tokens`` for a language model.
+        text: the same for people (sklearn's text report, or a few lines for a language model).
+        accuracy: the share of correct predictions (of correctly predicted tokens for a language model:
+            the next token for a causal LM).
         batch_size: the evaluation batch size that fitted.
-        samples: the number of samples scored.
+        samples: the number of samples (sequences) scored.
         epoch: the training epoch after which it was taken (``None`` outside training).
+        backoffs: the evaluation batch's out-of-memory back-offs (from, to).
+        kind: ``"classification"``, ``"predict_fn"`` (a user's predictions, scored as a classification),
+            ``"causal_lm"`` or ``"masked_lm"`` (see :mod:`autobatch.metrics`).
+        loss: a language model's mean token loss (cross-entropy, nats); ``None`` for a classification.
+        perplexity: ``exp(loss)``; ``None`` for a classification.
+        tokens: the labelled tokens scored; ``None`` for a classification.
     """
 
     report: dict[str, Any]
@@ -184,12 +212,27 @@ class EvalReport:
     samples: int
     epoch: int | None = None
     backoffs: list[tuple[int, int]] = field(default_factory=list)
+    kind: str = "classification"
+    loss: float | None = None
+    perplexity: float | None = None
+    tokens: int | None = None
+
+    def headline(self) -> str:
+        """``'accuracy 0.9722'``, or ``'perplexity 12.34 · next-token accuracy 0.4120 · loss 2.5127'``."""
+        if self.perplexity is None:
+            return f"accuracy {self.accuracy:.4f}"
+        what = "next-token accuracy" if self.kind == "causal_lm" else "token accuracy"
+        return f"perplexity {self.perplexity:.2f} · {what} {self.accuracy:.4f} · loss {self.loss:.4f}"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
+            "kind": self.kind,
             "epoch": self.epoch,
             "accuracy": self.accuracy,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "tokens": self.tokens,
             "samples": self.samples,
             "batch_size": self.batch_size,
             "report": self.report,
@@ -209,6 +252,9 @@ _RESULT_FIELDS = {
     "fixed_bytes": "number or None",
     "bytes_per_sample": "number or None",
     "model_state_bytes": "count or None",
+    "weights_bytes": "count or None",
+    "gradients_bytes": "count or None",
+    "optimizer_state_bytes": "count or None",
     "optimizer_steps": "count",
     "ooms": "count",
     "margin": "fraction",
@@ -224,6 +270,7 @@ _TRIAL_FIELDS = {
     "seconds": "duration",
     "backward_peak_bytes": "count or None",
     "reserved_bytes": "count or None",
+    "case": "case",
 }
 _BOUND = 2**53
 """Counts and sizes above this are not a probe's (JSON numbers lose integer precision there)."""
@@ -259,6 +306,8 @@ def _check_field(name: str, value: Any, kind: str) -> None:
             raise ValueError(f"Expected `{name}` to be 'fp16', 'bf16' or 'fp32', but got {value!r}.")
     elif base == "capped_by" and value not in (None, "max_batch", "dataset"):
         raise ValueError(f"Expected `{name}` to be 'max_batch', 'dataset' or None, but got {value!r}.")
+    elif base == "case" and value not in ("longest", "mixed"):
+        raise ValueError(f"Expected `{name}` to be 'longest' or 'mixed', but got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -365,6 +414,6 @@ class FitResult:
         )
         table.add_row("throughput", f"{self.samples_per_second:,.0f} samples/s{threads}")
         if self.report is not None:
-            table.add_row("accuracy", f"{self.report.accuracy:.4f}")
+            table.add_row("evaluation", f"{self.report.kind}: {self.report.headline()}")
         table.add_row("wall time", f"{self.seconds:.1f} s")
         return table

@@ -66,6 +66,9 @@ class Trial:
     seconds: float
     backward_peak_bytes: int | None = None
     reserved_bytes: int | None = None
+    case: str = "longest"
+    """What the batch held: ``"longest"``, the largest samples; ``"mixed"``, the largest but one with the
+    smallest, which collation pads (see :meth:`autobatch.data.DataSource.mixed_case`)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,29 @@ def fit_memory_model(trials: list[Trial]) -> MemoryModel | None:
     return MemoryModel(fixed_bytes=m1 - slope * b1, bytes_per_sample=slope)
 
 
+def run_trial(
+    try_step: Callable[[int], Peaks],
+    batch: int,
+    *,
+    clock: Callable[[], float],
+    on_trial: Callable[[Trial], None] | None = None,
+    case: str = "longest",
+) -> Trial:
+    """Run ``try_step(batch)`` once and record it as a :class:`Trial` (passed to ``on_trial`` too)."""
+    t0 = clock()
+    try:
+        peaks = try_step(batch)
+    except OutOfMemory:
+        trial = Trial(batch, False, None, clock() - t0, case=case)
+    else:
+        trial = Trial(
+            batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes, peaks.reserved_bytes, case
+        )
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
 def search(
     try_step: Callable[[int], Peaks],
     *,
@@ -126,6 +152,7 @@ def search(
     on_trial: Callable[[Trial], None] | None = None,
     floor: int = 1,
     predictor: Callable[[], Predictor | None] | None = None,
+    case: str = "longest",
 ) -> SearchOutcome:
     """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
 
@@ -139,6 +166,7 @@ def search(
         floor: the smallest batch that can train at all (2 for BatchNorm in training mode); never
             tried below.
         predictor: returns the memory model of the trials so far (``None`` while it has none).
+        case: what ``try_step``'s batches hold, recorded in every :class:`Trial`.
 
     Returns:
         A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
@@ -160,18 +188,8 @@ def search(
     lo, hi = 0, None  # lo: the largest batch that fitted; hi: the smallest that did not
 
     def run(batch: int) -> bool:
-        t0 = clock()
-        try:
-            peaks = try_step(batch)
-        except OutOfMemory:
-            trial = Trial(batch, False, None, clock() - t0)
-        else:
-            trial = Trial(
-                batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes, peaks.reserved_bytes
-            )
+        trial = run_trial(try_step, batch, clock=clock, on_trial=on_trial, case=case)
         trials.append(trial)
-        if on_trial is not None:
-            on_trial(trial)
         return trial.fitted
 
     candidate = max(floor, min(start, cap))

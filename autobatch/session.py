@@ -25,6 +25,7 @@ from autobatch import distributed
 from autobatch.data import DataSource, as_source
 from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.memory import DeviceMemory, resolve_memory_limit
+from autobatch.metrics import eval_kind
 from autobatch.options import Options
 from autobatch.planner import plan
 from autobatch.state import preserved_rng, restore_rng, rng_state
@@ -47,6 +48,7 @@ class Session:
         memory: the device memory, with the resolved limit.
         optimizer: the user's optimizer; after :meth:`start`, the default one if none was given.
         source: the training data; ``eval_source`` the evaluation data, if any.
+        eval_kind: the evaluation that runs on it (:func:`autobatch.metrics.eval_kind`).
         floor: the smallest micro-batch the model can train on (2 with BatchNorm).
         world_size: the ranks expected (the group's size once started).
     """
@@ -67,6 +69,7 @@ class Session:
     order_seed: int = 0
     sync_buffers: bool = False
     cpu_threads: int | None = None
+    eval_kind: str = "classification"
     _undo: list[Any] = field(default_factory=list, repr=False)
 
     @property
@@ -335,6 +338,13 @@ def resolve(model: Any, data: Any, options: Options) -> Session:
         if options.step.step_fn is None:
             source.check_labelled()
         eval_source = _eval_source(options)
+    kind = eval_kind(module, options.eval.eval_task, options.eval.predict_fn)
+    if eval_source is not None and options.eval.target_names is not None and kind.endswith("_lm"):
+        raise UsageValueError(
+            f"Expected no `target_names` for {type(module).__name__}, a language model (its evaluation "
+            "reports loss, perplexity and token accuracy, not classes); pass eval_task='classification' "
+            "to score it as a classifier."
+        )
     floor = min(smallest_batch(module), len(source))
     if options.entry == "fit":
         plan(1, options.train.target_batch, world_size)  # a target the ranks cannot share
@@ -357,6 +367,7 @@ def resolve(model: Any, data: Any, options: Options) -> Session:
         optimizer=optimizer,
         source=source,
         eval_source=eval_source,
+        eval_kind=kind,
         floor=floor,
         world_size=world_size,
     )

@@ -142,6 +142,19 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a forward in training mode updates in place: BatchNorm's and InstanceNorm's running
+    mean, variance and batch count (where they track them)."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(module, name, None)
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+    return tensors
+
+
 def smallest_batch(model: nn.Module) -> int:
     """The smallest batch ``model`` can train on: 2 with BatchNorm ("Expected more than 1 value per
     channel" in training mode), else 1."""
@@ -203,6 +216,7 @@ class Stepper:
         self.scaler = scaler
         self._loss: torch.Tensor | None = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.norm_statistics = running_statistics(model)
         # How far the optimizer step under way got: its gradients are unscaled, clipped.
         self.unscaled = self.clipped = False
 
@@ -234,6 +248,18 @@ class Stepper:
         else:
             self._loss.add_(loss, alpha=weight)
         return loss
+
+    def save_statistics(self) -> list[torch.Tensor]:
+        """Copies of the normalisation layers' running statistics, on the device (no sync)."""
+        with torch.no_grad():
+            return [t.clone() for t in self.norm_statistics]
+
+    def restore_statistics(self, saved: list[torch.Tensor]) -> None:
+        """Put back what :meth:`save_statistics` copied: the forwards of a step that is redone updated
+        the running statistics once already, and must not count those samples twice."""
+        with torch.no_grad():
+            for tensor, copy in zip(self.norm_statistics, saved, strict=True):
+                tensor.copy_(copy)
 
     def pending_loss(self) -> float:
         """The weighted loss of the micro-steps since the last step, as a number (a device sync)."""

@@ -5,8 +5,9 @@ by every rank before any rank acts on it (one small all-gather each; nothing in 
 
 1. **Micro-steps.** Read the step's samples, then forward and scaled backward of each micro-batch, their
    gradients kept local (DDP's ``no_sync``). An out-of-memory here drops the step's gradients on every
-   rank: nothing was applied, and the caller redoes the step with smaller micro-batches (the loop) or
-   records that the batch does not fit (the probe).
+   rank and puts back the running statistics of its normalisation layers: nothing was applied, and the
+   caller redoes the step with smaller micro-batches (the loop) or records that the batch does not fit
+   (the probe).
 2. **Gradient sum.** The gradients are summed across ranks in place (every micro-loss is already weighted
    by its share of the global step).
 3. **Optimizer step.** Unscale, clip, ``optimizer.step``, ``scaler.update``. An out-of-memory here may come
@@ -32,7 +33,7 @@ import torch
 
 from autobatch import distributed
 from autobatch.memory import Measurement
-from autobatch.oom import is_oom, release_memory
+from autobatch.oom import demand_bytes, is_oom, release_memory
 from autobatch.step import Stepper, StepResult
 
 __all__ = ["StepOutcome", "run_step"]
@@ -60,6 +61,11 @@ class StepOutcome:
         step_peak: the highest peak of the whole step over the ranks, when measured.
         step_reserved: the most memory the allocator held in the step (CUDA, the emulated allocator).
         oom_ranks: the ranks that ran out of memory.
+        demand_bytes: where the micro-steps ran out of memory, this rank's lower bound of what they needed
+            (what the failed allocation would have brought the memory to; ``None`` when the error does not
+            say, or this rank did not fail).
+        failed_piece: the index of this rank's micro-batch that ran out of memory (``None`` when this rank
+            did not, or it ran out before its first micro-batch: reading the step, placing the residents).
         retried: the optimizer step ran out of memory on some rank without changing anything, and was
             tried once more there after the cached memory was released.
         trace: with ``trace=True``, this rank's allocation timeline of the step (resident sizes, events).
@@ -75,6 +81,8 @@ class StepOutcome:
     step_peak: int | None = None
     step_reserved: int | None = None
     oom_ranks: tuple[int, ...] = field(default_factory=tuple)
+    demand_bytes: int | None = None
+    failed_piece: int | None = None
     retried: bool = False
     trace: Any = None
 
@@ -114,19 +122,23 @@ def run_step(
         Whatever a rank raised that was not an out-of-memory, on that rank; PeerError on the others.
     """
     with contextlib.ExitStack() as region:
-        status, failure, measured = OK, None, Measurement()
+        status, failure, measured, demand, piece = OK, None, Measurement(), None, None
+        statistics = stepper.save_statistics()  # a step redone must not update them twice
         try:
             # Entering the region places the resident tensors on the device: they may not fit either.
             measured = region.enter_context(stepper.memory.measure(stepper.state_tensors, trace=trace))
             parts = pieces()
             with distributed.no_sync(ddp):
-                for batch, weight in parts:
+                for index, (batch, weight) in enumerate(parts):
+                    piece = index  # the micro-batch under way, should it run out of memory
                     stepper.forward_backward(batch, weight)
+            piece = None
             del parts
             if group is not None:
                 stepper.materialise_gradients()  # the sum below then allocates nothing
         except Exception as exc:
             status, failure = (OOM, None) if is_oom(exc) else (ERROR, exc)
+            demand = demand_bytes(exc) if status == OOM else None
         loss = stepper.pending_loss() if status == OK else 0.0
         rows = _agree(group, failure, [status, loss, _peak(measured.peak_so_far())], "in its micro-steps")
         oom_ranks = tuple(r for r, row in enumerate(rows) if row[0] == OOM)
@@ -138,7 +150,14 @@ def run_step(
             result, rows = _optimizer_phase(stepper, loss, group, measured.peak_so_far)
     if oom_ranks:
         _drop(stepper)
-        return StepOutcome(fitted=False, phase="micro-steps", oom_ranks=oom_ranks)
+        stepper.restore_statistics(statistics)
+        return StepOutcome(
+            fitted=False,
+            phase="micro-steps",
+            oom_ranks=oom_ranks,
+            demand_bytes=demand,
+            failed_piece=piece if status == OOM else None,
+        )
     statuses = [int(row[0]) for row in rows]
     if max(statuses) != OK:
         _drop(stepper)

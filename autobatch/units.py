@@ -5,6 +5,7 @@ Imports nothing heavy (no torch), so the command line can use it before torch is
 
 from __future__ import annotations
 
+import math
 import re
 
 from autobatch.errors import UsageTypeError, UsageValueError
@@ -68,15 +69,19 @@ def parse_memory_limit(value: int | str | None, *, name: str = "memory_limit") -
     return nbytes
 
 
-def format_bytes(n: float) -> str:
-    """Render a byte count for people.
+def format_bytes(n: float, *, up: bool = False) -> str:
+    """Render a byte count for people; with ``up``, rounded up (a limit that holds ``n`` bytes).
 
     Example:
         >>> format_bytes(1536), format_bytes(300), format_bytes(5 * 2**30)
         ('1.50 KiB', '300 B', '5.00 GiB')
+        >>> format_bytes(1.5 * 2**20 + 1), format_bytes(1.5 * 2**20 + 1, up=True)
+        ('1.50 MiB', '1.51 MiB')
     """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else n:.0f} B"
+            return f"{math.ceil(n * 100) / 100 if up else n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")  # pragma: no cover

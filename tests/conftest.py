@@ -41,12 +41,6 @@ def _frozen_heap() -> Iterator[None]:
     gc.unfreeze()
 
 
-@pytest.fixture(autouse=True)
-def _private_probe_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets an empty probe cache: a result cached by one test must not answer another's probe."""
-    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path_factory.mktemp("probe-cache")))
-
-
 @pytest.fixture
 def mlp() -> Case:
     """An MLP on 256 vectors ``(X, y)``."""

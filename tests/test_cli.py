@@ -448,15 +448,33 @@ def test_format_without_target_uses_the_micro_batch(
 def test_nothing_fits_exits_3(spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = probe_json(capsys, spec("build"), "--memory-limit", "1KiB")
     assert code == EXIT_NO_FIT == 3
+    state = out["model_state"]
     assert out == {
         "schema_version": JSON_SCHEMA_VERSION,
         "ok": False,
         "exit_code": 3,
         "error_kind": "no batch fits",
         "error": out["error"],
+        "memory_limit": 1024,
+        "needed_bytes": out["needed_bytes"],
+        "model_state": {
+            "weights_bytes": state["weights_bytes"],
+            "gradients_bytes": state["gradients_bytes"],
+            "optimizer_state_bytes": state["optimizer_state_bytes"],
+            "estimated": False,  # the step that measured what is needed also made Adam's state
+        },
     }
+    # AdamW: two moments per parameter and a step counter per tensor.
+    assert (
+        0 < 2 * state["gradients_bytes"] < state["optimizer_state_bytes"] < 2 * state["gradients_bytes"] + 100
+    )
+    assert out["needed_bytes"] > state["weights_bytes"] + state["gradients_bytes"] > 1024
     assert "batch of 1" in out["error"]
     assert "no batch fits" in err
+
+    # The figure is the smallest limit that does: at it the probe finds a batch, just below it none.
+    code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", str(out["needed_bytes"]))
+    assert code == EXIT_OK and out["micro_batch"] >= 1
 
 
 def test_nothing_fits_in_text_mode(spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]) -> None:

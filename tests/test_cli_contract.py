@@ -34,6 +34,8 @@ AUTOBATCH = shutil.which("autobatch")
 RANDOM_INPUTS = ("--input-shape", "8", "--num-classes", "2", "--samples", "256")
 QUIET_CPU = ("--device", "cpu", "--precision", "fp32", "--memory-limit", "256KiB", "--no-progress")
 ERROR_KEYS = {"schema_version", "ok", "exit_code", "error_kind", "error"}
+NO_FIT_KEYS = ERROR_KEYS | {"memory_limit", "needed_bytes", "model_state"}
+"""A no-fit error also carries its figures: the limit, the smallest one that would do, the model state."""
 SUCCESS_KEYS = {"micro_batch", "max_fitting_batch", "cached", "verified", "optimizer_steps", "plan", "trials"}
 
 HEADER = textwrap.dedent(
@@ -131,9 +133,10 @@ def expect(
 def expect_error(
     proc: subprocess.CompletedProcess[str], code: int, kind: str, *, printed: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The error object: exactly its five keys, ``ok`` false, the kind, and its message on stderr."""
+    """The error object: exactly its five keys (eight for no fit), ``ok`` false, the kind, and its message
+    on stderr."""
     payload = expect(proc, code, printed=printed)
-    assert set(payload) == ERROR_KEYS, payload
+    assert set(payload) == (NO_FIT_KEYS if kind == "no batch fits" else ERROR_KEYS), payload
     assert payload["ok"] is False
     assert payload["error_kind"] == kind, payload
     assert isinstance(payload["error"], str) and payload["error"]
@@ -369,7 +372,14 @@ def test_a_missing_import_inside_the_module_is_the_users_error(tmp_path: Path, e
 def test_nothing_fits(tmp_path: Path, env: dict[str, str]) -> None:
     path = user_module(tmp_path, "no_fit", "")
     proc = probe(f"{path}:tiny", "--memory-limit", "1KiB", env=env)
-    expect_error(proc, EXIT_NO_FIT, "no batch fits")
+    payload = expect_error(proc, EXIT_NO_FIT, "no batch fits")
+    assert payload["memory_limit"] == 1024 < payload["needed_bytes"]
+    assert set(payload["model_state"]) == {
+        "weights_bytes",
+        "gradients_bytes",
+        "optimizer_state_bytes",
+        "estimated",
+    }
 
 
 def test_below_min_batch_is_exit_3_with_the_full_result(tmp_path: Path, env: dict[str, str]) -> None:

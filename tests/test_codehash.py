@@ -122,3 +122,11 @@ def test_callable_objects_count_by_their_type_and_plain_state() -> None:
 
     assert code_digest(Scaled(2)) != code_digest(Scaled(3))
     assert code_digest(Scaled(2)) == code_digest(Scaled(2))
+
+
+def test_a_class_held_as_a_value_counts_as_a_class_not_an_array() -> None:
+    """torch.Tensor (a class) has `shape` and `dtype` attributes too: they are descriptors, not sizes."""
+    source = "import torch\n\ndef kind(x, cls={cls}):\n    return isinstance(x, cls)\n"
+    tensor = defined(source.format(cls="torch.Tensor"), "kind")
+    parameter = defined(source.format(cls="torch.nn.Parameter"), "kind")
+    assert code_digest(tensor) == code_digest(tensor) != code_digest(parameter)

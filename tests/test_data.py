@@ -313,3 +313,27 @@ def test_largest_label() -> None:
     assert as_source((X, X)).largest_label() is None  # float targets: not classes
     tokens = torch.tensor([[1, 5, -100], [2, -100, -100]])
     assert as_source((tokens, tokens)).largest_label() == 5
+
+
+# -- the mixed case: a padded batch of the longest shape ---------------------------------------------
+
+
+def test_the_mixed_case_is_the_largest_but_one_and_the_smallest() -> None:
+    dataset = SequenceDataset(40, min_len=3, max_len=30, seed=1)
+    source = as_source(DataLoader(dataset, collate_fn=pad_collate))
+    order = source.largest_first()
+    assert source.mixed_indices(5) == [*order[:4], order[-1]]
+    tokens, _ = source.mixed_case(5)
+    lengths = (tokens != 0).sum(1).tolist()
+    assert tokens.shape == (5, len(dataset.samples[order[0]]))  # the longest shape, padded
+    assert lengths[-1] == min(len(s) for s in dataset.samples)
+
+
+def test_there_is_no_mixed_case_where_no_sample_would_be_padded() -> None:
+    X, Y = torch.randn(10, 3), torch.arange(10)
+    assert as_source((X, Y)).mixed_case(4) is None  # tensors: every sample of one shape
+    same = as_source(DataLoader(SequenceDataset(10, min_len=7, max_len=7), collate_fn=pad_collate))
+    assert same.mixed_case(4) is None
+    varied = as_source(DataLoader(SequenceDataset(10, min_len=2, max_len=9), collate_fn=pad_collate))
+    assert varied.mixed_case(1) is None  # one sample: nothing to pad it against
+    assert varied.mixed_case(2) is not None

@@ -236,3 +236,29 @@ def test_eval_report_to_dict() -> None:
     assert out["epoch"] == 2 and out["samples"] == 3
     assert out["accuracy"] == pytest.approx(2 / 3)
     assert out["report"] == report.report
+
+
+def test_a_backed_off_evaluation_pads_each_piece_to_its_own_longest_sample() -> None:
+    from tests.models import SequenceDataset, TransformerClassifier, pad_collate
+
+    dataset = SequenceDataset(24, min_len=2, max_len=40, seed=5)
+    widths: list[tuple[int, int]] = []
+
+    def predict_fn(m: nn.Module, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = b[0]
+        widths.append((tokens.shape[1], int((tokens != 0).sum(1).max())))
+        if len(tokens) > 4:
+            raise torch.OutOfMemoryError("injected")
+        return predict(m, b)
+
+    source = as_source(torch.utils.data.DataLoader(dataset, collate_fn=pad_collate))
+    report = evaluate(
+        TransformerClassifier(),
+        source,
+        DeviceMemory(CPU, None),
+        no_autocast,
+        batch_size=8,
+        predict_fn=predict_fn,
+    )
+    assert report.backoffs == [(8, 4)] and report.samples == 24 and report.kind == "classification"
+    assert all(width == longest for width, longest in widths)  # never wider than its own samples need

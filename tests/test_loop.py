@@ -388,3 +388,58 @@ def test_warn_batchnorm_only_when_accumulating() -> None:
         warnings.simplefilter("error")
         warn_batchnorm(model, plan(32, 32))
         warn_batchnorm(mlp(), plan(8, 32))
+
+
+def test_a_redone_step_updates_batchnorm_statistics_once() -> None:
+    """Nothing twice: the micro-steps of the failed attempt had already updated the running statistics."""
+
+    def bn_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+    failed, clean = bn_model(), bn_model()
+    captured: list[list[torch.Tensor]] = []
+    loop = failing_loop(failed, captured, {2}, micro=12)  # the attempt 11+11+10 fails in its 2nd chunk
+    first_step(loop)
+    assert loop.micro == 6
+    reference = make_loop(clean, classification_data(), [], micro=6)  # the redo's plan, from the start
+    first_step(reference)
+    for ours, theirs in zip(failed[1].buffers(), clean[1].buffers(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert int(failed[1].num_batches_tracked) == len(plan(6, 32).chunks)
+
+
+class WeightRecorder(Stepper):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights: list[float] = []
+
+    def forward_backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
+        self.weights.append(weight)
+        return super().forward_backward(batch, weight)
+
+
+def test_num_items_counts_the_micro_batches_as_collated() -> None:
+    """A count of padded positions depends on how a step is cut: counted on the micro-batches that run,
+    the weights still add up to one."""
+    from tests.models import SequenceDataset, pad_collate
+
+    dataset = SequenceDataset(32, min_len=2, max_len=20, seed=3)
+    source = torch.utils.data.DataLoader(dataset, collate_fn=pad_collate)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 4), torch.nn.Flatten(0, 1))
+
+    def padded_positions(batch: Any) -> int:
+        return batch[0].numel()
+
+    def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return out.sum() * 0.0
+
+    options = {"loss_fn": loss_fn, "num_items": padded_positions, "target_batch": 32, "micro_batch": 8}
+    session = session_for(model, source, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stepper = WeightRecorder(model, optimizer, session.memory, "fp32", loss_fn=loss_fn)
+    loop = TrainLoop(session, stepper, 8)
+    first_step(loop)
+    assert len(stepper.weights) == 4 and sum(stepper.weights) == pytest.approx(1.0, abs=1e-12)
+    widths = [pad_collate([dataset[i] for i in range(a, a + 8)])[0].numel() for a in range(0, 32, 8)]
+    assert stepper.weights == pytest.approx([w / sum(widths) for w in widths])

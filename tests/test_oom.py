@@ -200,22 +200,66 @@ def test_is_oom_real_cpu_allocator_failure() -> None:
     assert exc_type in {"RuntimeError", "OutOfMemoryError", "MemoryError"}
 
 
-def test_frozen_heap_freezes_only_inside_and_respects_a_callers_freeze() -> None:
+def test_frozen_heap_freezes_only_inside_and_respects_a_callers_freeze(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import gc
 
-    from autobatch.oom import frozen_heap
+    from autobatch import oom
 
     outer = gc.get_freeze_count()
     gc.unfreeze()  # the test session may have frozen its heap
     try:
-        with frozen_heap():
+        with oom.frozen_heap():
             assert gc.get_freeze_count() > 0
         assert gc.get_freeze_count() == 0
         gc.freeze()
-        frozen = gc.get_freeze_count()
-        with frozen_heap():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen  # the caller's freeze is left in place
+        # With the caller's freeze in place nothing is frozen or unfrozen. (Counts would be racy: a
+        # frozen object that another thread frees leaves the permanent generation.)
+        calls: list[str] = []
+        monkeypatch.setattr(oom.gc, "freeze", lambda: calls.append("freeze"))
+        monkeypatch.setattr(oom.gc, "unfreeze", lambda: calls.append("unfreeze"))
+        with oom.frozen_heap():
+            pass
+        assert calls == []
+        monkeypatch.undo()
+        assert gc.get_freeze_count() > 0  # the caller's freeze is left in place
     finally:
         if not outer:
             gc.unfreeze()
+        else:
+            gc.freeze()
+
+
+# -- what a failed allocation says it needed ---------------------------------------------------------
+
+
+def test_demand_is_read_from_a_cuda_error_message() -> None:
+    from autobatch.oom import demand_bytes
+
+    message = (
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 139.81 GiB of which "
+        "18.00 MiB is free. Including non-PyTorch memory, this process has 1.20 GiB memory in use. Of the "
+        "allocated memory 1.00 GiB is allocated by PyTorch, and 150.00 MiB is reserved by PyTorch but "
+        "unallocated. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF"
+    )
+    assert demand_bytes(torch.OutOfMemoryError(message)) == 2**30 + 170 * 2**20
+    assert demand_bytes(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512 bytes.")) is None
+    assert demand_bytes(RuntimeError("DefaultCPUAllocator: can't allocate memory")) is None
+
+
+@pytest.mark.parametrize("emulation", ["ideal", "allocator"])
+def test_the_emulated_device_says_what_the_failed_allocation_needed(emulation: str) -> None:
+    from autobatch.emulate import EmulatedDevice
+    from autobatch.oom import demand_bytes
+
+    held = torch.zeros(256, 1024)  # 1 MiB, resident
+    with (
+        pytest.raises(torch.OutOfMemoryError) as caught,
+        EmulatedDevice(3 * 2**20, [held], device=torch.device("cpu"), allocator=emulation == "allocator"),
+    ):
+        torch.ones(512, 1024) + 1  # 2 MiB each: the second does not fit next to the first and `held`
+    demand = demand_bytes(caught.value)
+    assert demand is not None and demand > 3 * 2**20
+    if emulation == "ideal":  # live bytes: the 1 MiB resident, the 2 MiB ones and the 2 MiB asked for
+        assert demand == 5 * 2**20

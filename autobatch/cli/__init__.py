@@ -45,15 +45,30 @@ JSON_SCHEMA_VERSION = 2
 _COMMANDS = {"probe": "autobatch.cli.probe", "demo": "autobatch.cli.demo", "cache": "autobatch.cli.cache"}
 
 
-def error_payload(code: int, kind: str, message: str) -> dict[str, Any]:
-    """The JSON object of a failed command."""
-    return {
+def error_payload(code: int, kind: str, message: str, exc: BaseException | None = None) -> dict[str, Any]:
+    """The JSON object of a failed command; for :class:`NoBatchFitsError` with its figures."""
+    payload: dict[str, Any] = {
         "schema_version": JSON_SCHEMA_VERSION,
         "ok": False,
         "exit_code": code,
         "error_kind": kind,
         "error": message,
     }
+    if isinstance(exc, NoBatchFitsError):
+        state = exc.model_state
+        payload["memory_limit"] = exc.memory_limit
+        payload["needed_bytes"] = exc.needed_bytes
+        payload["model_state"] = (
+            None
+            if state is None
+            else {
+                "weights_bytes": state.weights,
+                "gradients_bytes": state.gradients,
+                "optimizer_state_bytes": state.optimizer,
+                "estimated": state.estimated,
+            }
+        )
+    return payload
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str]:
@@ -86,7 +101,7 @@ def _report(streams: Streams, exc: BaseException, verbose: bool) -> int:
     # One line, however narrow the terminal: CI logs are read with grep.
     err.print(f"{kind}: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
     if streams.machine:
-        streams.write_json(error_payload(code, kind, message))
+        streams.write_json(error_payload(code, kind, message, exc))
     return code
 
 

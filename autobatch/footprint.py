@@ -1,0 +1,80 @@
+"""What a model holds between training steps: its weights, their gradients and the optimizer's state.
+
+"Model state" means one thing everywhere autobatch prints it (the probe's summary, ``NoBatchFitsError``):
+the sum of these three. The optimizer's state is measured where it exists; where it does not yet (a step
+never completed, so Adam's moments were never made) it is estimated from the optimizer's kind, and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autobatch.memory import tensor_bytes
+from autobatch.units import format_bytes
+
+__all__ = ["ModelState", "model_state"]
+
+# Optimizer state per trainable parameter, in parameter-sized tensors, for the state torch's optimizers keep.
+_STATE_PER_PARAMETER = {
+    "Adam": 2,
+    "AdamW": 2,
+    "NAdam": 2,
+    "RAdam": 2,
+    "Adamax": 2,
+    "Adadelta": 2,
+    "Adagrad": 1,
+    "RMSprop": 1,
+    "Rprop": 2,
+    "ASGD": 1,
+}
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of weights (parameters and buffers), gradients and optimizer state; ``estimated`` when the
+    optimizer's share is a guess from its kind (its state did not exist yet)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    estimated: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def describe(self) -> str:
+        """``'1.20 MiB (weights 400 KiB, gradients 400 KiB, optimizer state 800 KiB, estimated)'``."""
+        parts = (
+            f"weights {format_bytes(self.weights)}, gradients {format_bytes(self.gradients)}, "
+            f"optimizer state {format_bytes(self.optimizer)}" + (", estimated" if self.estimated else "")
+        )
+        return f"{format_bytes(self.total)} ({parts})"
+
+
+def _estimated_state(optimizer: torch.optim.Optimizer, trainable: int) -> int:
+    kind = type(optimizer).__name__
+    groups = optimizer.param_groups
+    if kind == "SGD":
+        return trainable if any(g.get("momentum", 0) for g in groups) else 0
+    per = _STATE_PER_PARAMETER.get(kind, 2)  # unknown optimizers: as much as Adam
+    if kind in ("Adam", "AdamW") and any(g.get("amsgrad") for g in groups):
+        per += 1
+    if kind == "RMSprop":
+        per += sum(1 for flag in ("momentum", "centered") if any(g.get(flag) for g in groups))
+    return per * trainable
+
+
+def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> ModelState:
+    """The model's state between steps: measured, and the optimizer's share estimated where not made yet."""
+    weights = tensor_bytes([*model.parameters(), *model.buffers()])
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    trainable = tensor_bytes(trainable_params)
+    held = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    estimate = _estimated_state(optimizer, trainable)
+    if estimate == 0 or all(optimizer.state.get(p) for p in trainable_params):
+        return ModelState(weights, trainable, tensor_bytes(held), estimated=False)
+    return ModelState(weights, trainable, estimate, estimated=True)
