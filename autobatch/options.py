@@ -332,7 +332,8 @@ class CacheOptions(_Group):
     cache_dir: Any = option(
         None,
         optional(check_path),
-        "the cache directory (default: $AUTOBATCH_CACHE_DIR, else ~/.cache/autobatch)",
+        "the cache directory (default: $AUTOBATCH_CACHE_DIR, else the user's cache directory, e.g. "
+        "~/.cache/autobatch on Linux)",
         keyed=False,
         cli=Cli("--cache-dir", metavar="DIR"),
     )

@@ -308,7 +308,8 @@ class Prober:
         hints.append("an optimizer with less state (SGD instead of Adam)")
         where = format_bytes(limit) if limit is not None else "the device capacity"
         need = (
-            f" One step of {batch} needs {format_bytes(needed)} (measured without the limit)."
+            f" One training step of {batch} sample{'s' if batch != 1 else ''} needs {format_bytes(needed)}"
+            " (measured without the limit)."
             if needed is not None
             else ""
         )

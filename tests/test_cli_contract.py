@@ -29,6 +29,7 @@ import pytest
 from autobatch.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_FIT, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION
 
 AUTOBATCH = shutil.which("autobatch")
+pytestmark = pytest.mark.slow  # every test runs the console script in a fresh interpreter
 """The console script of the environment the tests run in (``pip install -e .`` puts it next to python)."""
 
 RANDOM_INPUTS = ("--input-shape", "8", "--num-classes", "2", "--samples", "256")
@@ -684,6 +685,18 @@ def _deeply_nested(entry: Path) -> None:
     entry.write_text(DEEP_JSON)
 
 
+@pytest.fixture(scope="module")
+def stored_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, Any]]:
+    """A user module, a cache directory holding its probe's entry, and the probe's result (made once:
+    each test spoils a copy)."""
+    root = tmp_path_factory.mktemp("stored")
+    path = user_module(root, "reprobe", "")
+    spec, cache = f"{path}:tiny", root / "cache"
+    reference = expect_success(probe(spec, env=environment(cache), cache=True))
+    assert reference["cached"] is False
+    return spec, cache, reference
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
@@ -696,13 +709,11 @@ def _deeply_nested(entry: Path) -> None:
     ids=["micro_batch 10**9", "fifo", "deeply nested"],
 )
 def test_an_invalid_entry_for_the_probes_key_is_probed_again_and_rewritten(
-    tmp_path: Path, env: dict[str, str], spoil: Callable[[Path], None]
+    tmp_path: Path, stored_probe: tuple[str, Path, dict[str, Any]], spoil: Callable[[Path], None]
 ) -> None:
-    path = user_module(tmp_path, "reprobe", "")
-    spec = f"{path}:tiny"
-    reference = expect_success(probe(spec, env=env))  # --no-cache
-    first = expect_success(probe(spec, env=env, cache=True))
-    assert first["micro_batch"] == reference["micro_batch"]
+    spec, stored, reference = stored_probe
+    shutil.copytree(stored, tmp_path / "cache")
+    env = environment(tmp_path / "cache")
     (entry,) = Path(env["AUTOBATCH_CACHE_DIR"]).glob("probe-*.json")
     key = json.loads(entry.read_text())["key"]
     spoil(entry)

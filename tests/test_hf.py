@@ -37,9 +37,23 @@ pytest.importorskip("transformers")
 
 CAP = "20MiB"
 MEMORY: dict[str, Any] = {"memory_limit": CAP, "emulation": "ideal", "precision": "bf16", "device": "cpu"}
-LONGEST_ONLY = 24
-"""The largest batch of the longest samples alone that fits at CAP in bf16 (the mixed case: 15)."""
 QUIET: dict[str, Any] = {"seed": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def longest_only() -> int:
+    """The largest batch of the longest samples alone that fits at CAP (24 with transformers 5.24; the
+    mixed case: 15), measured on a dataset of only the longest samples, which nothing pads."""
+    samples = hf.classification_samples()
+    longest = [s for s in samples if len(s["input_ids"]) == max(len(t["input_ids"]) for t in samples)]
+    data = hf.loader(longest, hf.padding_collator())
+    fitting = [
+        b
+        for b in range(1, len(longest) + 1)
+        if autobatch.try_batch(hf.bert_classifier(), data, b, **MEMORY).fitted
+    ]
+    assert fitting and max(fitting) < len(longest), "CAP must decide, not the number of long samples"
+    return max(fitting)
 
 
 @pytest.fixture
@@ -82,7 +96,7 @@ def test_each_micro_batch_is_padded_to_its_own_longest_sample() -> None:
     assert sum(narrower) >= len(calls) // 2
 
 
-def test_probe_fits_batches_mixing_longest_and_shortest(bert_data: Any) -> None:
+def test_probe_fits_batches_mixing_longest_and_shortest(bert_data: Any, longest_only: int) -> None:
     model = hf.bert_classifier()
     probed = autobatch.probe(model, bert_data, cache=False, **MEMORY)
     micro = probed.micro_batch
@@ -92,30 +106,30 @@ def test_probe_fits_batches_mixing_longest_and_shortest(bert_data: Any) -> None:
     assert result.optimizer_steps >= 20
     assert result.backoffs == [], f"micro-batch {micro} from the probe ran out of memory in training"
     assert any(trial.case == "mixed" for trial in probed.trials)
-    assert micro < LONGEST_ONLY
+    assert micro < longest_only
     # The largest that fits, not merely one that fits.
     assert not autobatch.try_batch(hf.bert_classifier(), bert_data, micro + 1, **MEMORY).fitted
 
 
-def test_backoff_goes_to_the_largest_micro_batch_that_fits(bert_data: Any) -> None:
+def test_backoff_goes_to_the_largest_micro_batch_that_fits(bert_data: Any, longest_only: int) -> None:
     result = autobatch.fit(
         hf.bert_classifier(),
         bert_data,
-        target_batch=2 * LONGEST_ONLY,
-        micro_batch=LONGEST_ONLY,
+        target_batch=2 * longest_only,
+        micro_batch=longest_only,
         **MEMORY,
         **QUIET,
     )
-    assert result.backoffs, f"micro-batch {LONGEST_ONLY} should not fit a mixed batch at {CAP}"
+    assert result.backoffs, f"micro-batch {longest_only} should not fit a mixed batch at {CAP}"
     first = result.backoffs[0]
-    assert first.from_micro == LONGEST_ONLY
+    assert first.from_micro == longest_only
     # The exhaustive answer: the largest batch below it whose longest and mixed batches both fit.
     largest = next(
         b
-        for b in range(LONGEST_ONLY - 1, 0, -1)
+        for b in range(longest_only - 1, 0, -1)
         if autobatch.try_batch(hf.bert_classifier(), bert_data, b, **MEMORY).fitted
     )
-    assert largest != LONGEST_ONLY // 2  # or halving would pass too
+    assert largest != longest_only // 2  # or halving would pass too
     # With micro_batch given no probe ran, so the memory model's fixed part is the model state: BERT's
     # workspace is not in it, and the first measured size may be one too many; the next failure is
     # measured too. (With a probe's memory model the first back-off is exact: tests/test_text.py.)

@@ -112,6 +112,7 @@ def _wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(2048, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("limit_mib", "kind"), [(24, "sgd"), (46, "adam")])
 def test_probe_finds_the_allocator_maximum(limit_mib: int, kind: str) -> None:
     """Through the model of CUDA's caching allocator: reserved memory, in 2 MiB and 20 MiB segments."""

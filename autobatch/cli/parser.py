@@ -68,10 +68,10 @@ def flag_fields(entry: str = "probe") -> list[Field[Any]]:
 
 
 def _default_text(f: Field[Any]) -> str:
-    if f.name == "cache_dir":
+    if f.name == "cache_dir":  # its help names the rule; here is where that rule points now
         from autobatch.cache import default_cache_dir
 
-        return f" (default: {default_cache_dir()})"
+        return f"; here {default_cache_dir()}"
     return "" if f.default is None else f" (default: {f.default})"
 
 
@@ -99,7 +99,11 @@ def _add_option(group: Any, f: Field[Any]) -> None:
 def _verbose_option(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps a subcommand's default from overwriting `autobatch -v probe …`.
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as autobatch -v"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log autobatch's steps; tracebacks of unexpected errors",
     )
 
 
@@ -163,13 +167,16 @@ def _demo_parser(sub: Any) -> None:
         help="train a CNN on bundled digits on an emulated small device",
         description="Probe, plan, train and evaluate a small CNN on scikit-learn's digits (no download), on "
         "an emulated device too small for the target batch, so that gradient accumulation kicks in.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d.add_argument("--epochs", type=positive_int, default=4, help="passes over the training split")
-    d.add_argument("--target-batch", type=positive_int, default=32, help="the effective batch")
-    d.add_argument("--memory-limit", default="640KiB", help="the emulated device's size")
-    d.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the epoch order")
-    d.add_argument("--json", action="store_true", help="print the fit result as one JSON object")
+    d.add_argument(
+        "--epochs", type=positive_int, default=4, help="passes over the training split (default: 4)"
+    )
+    d.add_argument("--target-batch", type=positive_int, default=32, help="the effective batch (default: 32)")
+    d.add_argument("--memory-limit", default="640KiB", help="the emulated device's size (default: 640KiB)")
+    d.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, the model and the epoch order (default: 0)"
+    )
+    d.add_argument("--json", action="store_true", help="print the fit result as one JSON object on stdout")
     for f in entry_fields("fit"):
         if f.name in ("cache", "cache_dir"):
             _add_option(d, f)
@@ -194,7 +201,9 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"autobatch {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log the probe's steps; tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log autobatch's steps; tracebacks of unexpected errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{probe,demo,cache}")
     _probe_parser(sub)
     _demo_parser(sub)
