@@ -125,9 +125,11 @@ def run_step(
         status, failure, measured, demand, piece = OK, None, Measurement(), None, None
         statistics = stepper.save_statistics()  # a step redone must not update them twice
         try:
+            # Collation is host work, as on a GPU: only the copy onto the device (`transfer`, inside each
+            # micro-step) is counted, one micro-batch at a time, as the probe's trials count theirs.
+            parts = pieces()
             # Entering the region places the resident tensors on the device: they may not fit either.
             measured = region.enter_context(stepper.memory.measure(stepper.state_tensors, trace=trace))
-            parts = pieces()
             with distributed.no_sync(ddp):
                 for index, (batch, weight) in enumerate(parts):
                     piece = index  # the micro-batch under way, should it run out of memory

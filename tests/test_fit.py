@@ -748,6 +748,20 @@ def test_dict_batches_train_and_evaluate() -> None:
     assert result.report.report == own_report(model.net, eval_data.X, eval_data.y)
 
 
+@pytest.mark.parametrize("limit", ["40KiB", "48KiB"])
+def test_the_probed_micro_batch_trains_on_collated_dict_batches(limit: str) -> None:
+    # default_collate stacks dict samples into new tensors. That is host work, as on a GPU: training
+    # must count only the copy of the micro-batch under way, as the probe's trials do; counting the
+    # whole step's collated micro-batches backed off to 1 sample and then raised NoBatchFitsError.
+    model = HFStyle()
+    result = fit(
+        model, DictData(512), 64, memory_limit=limit, emulation="ideal", device="cpu", seed=0, progress=False
+    )
+    assert result.plan.accumulation_steps > 1  # the limit binds: the step is split
+    assert result.backoffs == [] and result.samples == 512
+    assert result.final_plan.micro_batch == result.probe.micro_batch
+
+
 def test_step_fn_trains_unlabelled_data() -> None:
     torch.manual_seed(0)
     autoencoder = nn.Sequential(nn.Linear(FEATURES, 4), nn.Linear(4, FEATURES))
