@@ -843,3 +843,60 @@ def test_the_emulation_flag_reaches_the_probe(
     assert all(t["reserved_bytes"] is not None for t in out["trials"] if t["fitted"])
     code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", "8MiB", "--emulation", "ideal")
     assert code == EXIT_OK and out["limit_kind"] == "8.00 MiB (emulated)"
+
+
+# --- a newcomer's output: piped text, empty states, help defaults, the cache said -------------------
+
+
+def test_piped_text_output_is_never_wrapped_mid_line(
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "probe", *CPU, spec("build"), "--memory-limit", "48KiB", "--no-cache")
+    assert code == EXIT_OK
+    (limit_line,) = [line for line in out.splitlines() if line.startswith("limit ")]
+    assert len(limit_line) > 80  # longer than a default console, and still one line
+    assert "model state" in limit_line and "optimizer state" in limit_line and limit_line.endswith(")")
+
+
+def test_format_prints_its_settings_as_json_on_stderr_too(
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ("probe", *CPU, spec("build"), "--memory-limit", "48KiB", "--no-cache", "--target-batch", "32")
+    code, out, err = run(capsys, *argv, "--format", "hf")
+    assert code == EXIT_OK
+    (line,) = [line for line in err.splitlines() if line.startswith("hf settings")]
+    settings = json.loads(line.split(": ", 1)[1])  # JSON on one line, not a wrapped Python dict
+    assert settings == json.loads(out)
+
+
+def test_an_empty_cache_says_so_instead_of_drawing_an_empty_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "cache", "show", "--cache-dir", str(tmp_path / "none"))
+    assert code == EXIT_OK and "┏" not in out
+    assert flat(out).startswith(f"No cached probe results in {tmp_path / 'none'}")
+
+
+def test_demo_help_shows_the_defaults_and_the_cache_directory_in_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "here"))
+    code, out, _ = run(capsys, "demo", "--help")
+    text = flat(out)
+    assert code == EXIT_OK
+    for default in ("(default: 4)", "(default: 32)", "(default: 640KiB)", "(default: 0)"):
+        assert default in text
+    # argparse wraps long paths at their hyphens: compare without any whitespace
+    assert f"here{tmp_path / 'here'}" in "".join(out.split())
+
+
+@pytest.mark.slow
+def test_the_demo_says_when_its_probe_came_from_the_cache(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "fresh"))
+    code, first, first_err = run(capsys, "demo", "--epochs", "1")
+    assert code == EXIT_OK and "cache" not in flat(first + first_err).lower()  # a first run probes
+    code, again, again_err = run(capsys, "demo", "--epochs", "1")
+    said = flat(again + again_err)
+    assert code == EXIT_OK and "came from the probe cache" in said and "--no-cache to probe afresh" in said
