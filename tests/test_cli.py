@@ -849,7 +849,7 @@ def test_the_emulation_flag_reaches_the_probe(
 
 
 def test_piped_text_output_is_never_wrapped_mid_line(
-    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = run(capsys, "probe", *CPU, spec("build"), "--memory-limit", "48KiB", "--no-cache")
     assert code == EXIT_OK

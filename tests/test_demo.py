@@ -52,9 +52,8 @@ def test_full_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["evals"][-1]["samples"] == 450
 
 
-def _demo_threads(env: dict[str, str]) -> int:
+def _demo_threads(user_env: dict[str, str], **env: str) -> int:
     """The CPU threads ``autobatch demo`` trained on, run as a user runs it: the console script."""
-    import os
     import shutil
     import subprocess
 
@@ -65,18 +64,18 @@ def _demo_threads(env: dict[str, str]) -> int:
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | env,
+        env=user_env | env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return int(json.loads(done.stdout)["cpu_threads"])
 
 
 @pytest.mark.slow
-def test_the_demo_runs_on_one_cpu_thread_in_a_users_environment() -> None:
+def test_the_demo_runs_on_one_cpu_thread_in_a_users_environment(user_env: dict[str, str]) -> None:
     """The thread policy as a newcomer meets it: no thread pinning anywhere, and still one thread."""
-    assert _demo_threads({}) == 1
+    assert _demo_threads(user_env) == 1
 
 
 @pytest.mark.slow
-def test_a_thread_count_the_user_chose_is_kept() -> None:
-    assert _demo_threads({"OMP_NUM_THREADS": "2"}) == 2
+def test_a_thread_count_the_user_chose_is_kept(user_env: dict[str, str]) -> None:
+    assert _demo_threads(user_env, OMP_NUM_THREADS="2") == 2

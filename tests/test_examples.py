@@ -10,7 +10,6 @@ own. ``examples/ddp.py`` runs under torchrun in ``tests/test_distributed.py``; t
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,9 +36,10 @@ def _runnable(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.Popen[str]]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["AUTOBATCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # a first run: nothing cached
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, user_env: dict[str, str]
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    env = user_env | {"AUTOBATCH_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}  # a first run: no cache
     started = {
         name: subprocess.Popen(
             [sys.executable, str(ROOT / "examples" / f"{name}.py")],
