@@ -19,7 +19,8 @@ from autobatch.evaluate import evaluate
 from autobatch.loop import TrainLoop, warn_batchnorm
 from autobatch.options import Options, TrainOptions, entry_point
 from autobatch.planner import plan
-from autobatch.prober import Prober, ProbeStore
+from autobatch.prober import Prober
+from autobatch.probestore import ProbeStore
 from autobatch.result import FitResult, ProbeResult
 from autobatch.search import OutOfMemory, Trial
 from autobatch.session import Session, resolve

@@ -1,0 +1,81 @@
+"""The probe cache as one probe sees it: the key of this setup, and which rank reads and writes.
+
+:mod:`autobatch.cache` stores results on disk and :mod:`autobatch.fingerprint` describes a setup; this
+module joins them for one :class:`~autobatch.prober.Prober`: rank 0 reads and writes, the other ranks take
+its answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autobatch.result import ProbeResult
+
+if TYPE_CHECKING:
+    from autobatch.prober import Prober
+
+__all__ = ["ProbeStore"]
+
+
+class ProbeStore:
+    """The probe cache as one probe sees it: rank 0 reads and writes, and tells the other ranks.
+
+    The key holds every option that changes a step's memory (the ``keyed`` fields of
+    :mod:`autobatch.options`), each by what it resolved to: the optimizer by its type and settings, the
+    precision resolved for the device, the limit the probe ran under (under a group, the smallest).
+    """
+
+    _RESOLVED = frozenset({"optimizer", "precision", "device", "memory_limit"})
+    # (emulation is keyed as given: "auto" resolves by the limit, which the key holds too)
+
+    def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any]) -> None:
+        from autobatch.cache import cache_key
+
+        self.prober, self.cache, self.fingerprint, self.key = prober, cache, fp, cache_key(fp)
+        self.group = prober.session.group
+
+    @classmethod
+    def open(cls, prober: Prober, cap: int) -> ProbeStore | None:
+        """The store for this probe, or ``None`` with ``cache=False``."""
+        from autobatch.cache import ProbeCache
+        from autobatch.fingerprint import fingerprint
+
+        session = prober.session
+        options = session.options
+        if not options.cache.cache:
+            return None
+        keyed = {**options.step.keyed(), **options.memory.keyed(), **options.probe.keyed()}
+        keyed = {k: v for k, v in keyed.items() if k not in cls._RESOLVED}
+        fp = fingerprint(
+            model=session.model,
+            optimizer=prober.optimizer,
+            precision=session.precision,
+            device=session.device,
+            # Under a group the answer depends on the tightest rank's limit, not on this rank's.
+            memory_limit=prober.capacity if session.group is not None else prober.memory.limit,
+            world_size=session.group.world_size if session.group is not None else 1,
+            sample=session.source.worst_case(1, options.probe.size_fn),
+            dataset_size=len(session.source),
+            options={**keyed, "max_batch": cap},
+        )
+        return cls(prober, ProbeCache(options.cache.cache_dir), fp)
+
+    @property
+    def _main(self) -> bool:
+        return self.group is None or self.group.is_main
+
+    def lookup(self) -> ProbeResult | None:
+        hit = self.cache.get(self.key) if self._main else None
+        if self.group is not None:  # every rank takes rank 0's answer, hit or miss
+            found = self.group.broadcast(hit.to_dict() if hit is not None else None)
+            hit = ProbeResult.from_dict(found) if found is not None else None
+        return hit
+
+    def save(self, result: ProbeResult) -> None:
+        if self._main:
+            self.cache.put(self.key, result, self.fingerprint)
+
+    def drop(self) -> None:
+        """Forget this setup's stored result (rank 0 deletes it): it failed its verification."""
+        if self._main:
+            self.cache.drop(self.key)
