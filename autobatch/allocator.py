@@ -1,10 +1,11 @@
 """A pure-Python model of PyTorch's CUDA caching allocator, to cap reserved memory on an emulated device.
 
-It follows ``c10/cuda/CUDACachingAllocator.cpp`` in its default configuration (one device, one stream, no
-``max_split_size_mb``, no expandable segments, no ``roundup_power2_divisions``, no garbage collection
-threshold): requests are rounded to 512 bytes, served best-fit from a small (≤ 1 MiB) or a large pool,
-and new segments are refused when reserved memory would pass the cap, as
-``torch.cuda.set_per_process_memory_fraction`` does. It imports only the standard library.
+It follows ``c10/cuda/CUDACachingAllocator.cpp`` on one device and one stream: requests are rounded to
+512 bytes, served best-fit from a small (≤ 1 MiB) or a large pool, and new memory is refused when reserved
+memory would pass the cap, as ``torch.cuda.set_per_process_memory_fraction`` does. Of the settings of
+``PYTORCH_CUDA_ALLOC_CONF`` (read by :func:`parse_alloc_conf` into an :class:`AllocatorConfig`) it models
+``expandable_segments`` (in :mod:`autobatch.expandable`) and ``max_split_size_mb``; the default
+configuration is PyTorch's default. It imports only the standard library.
 
 Example:
     >>> a = CachingAllocator(cap=4 * 2**20)
@@ -19,12 +20,25 @@ Example:
 
 from __future__ import annotations
 
-import bisect
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import NoReturn, TypeGuard
 
-__all__ = ["AllocatorOutOfMemory", "BlockInfo", "CachingAllocator", "ReplayResult", "SegmentInfo", "replay"]
+from autobatch._blocks import Block, Blocks
+from autobatch.expandable import ExpandableSegments
+
+__all__ = [
+    "AllocatorConfig",
+    "AllocatorOutOfMemory",
+    "BlockInfo",
+    "CachingAllocator",
+    "ReplayResult",
+    "SegmentInfo",
+    "SegmentLayout",
+    "parse_alloc_conf",
+    "replay",
+]
 
 _MIN_BLOCK = 512  # every block size is a multiple of this
 _SMALL_SIZE = 1 << 20  # the largest request served by the small pool
@@ -32,6 +46,7 @@ _SMALL_SEGMENT = 2 << 20  # segment size of the small pool
 _LARGE_SEGMENT = 20 << 20  # segment for large requests below _MIN_LARGE_ALLOC
 _MIN_LARGE_ALLOC = 10 << 20
 _ROUND_LARGE = 2 << 20  # larger requests get a segment of their own size, rounded to this
+_MIB = 1 << 20
 # Non-zero so that 0 stays the null handle of an empty allocation; 2 MiB-aligned like cudaMalloc.
 _FIRST_ADDRESS = 1 << 32
 
@@ -66,8 +81,119 @@ def _check_bytes(name: str, value: object) -> int:
     return value
 
 
+# Settings PyTorch accepts that change nothing the model sees: host (pinned) memory and locking.
+_NO_EFFECT = frozenset(
+    {
+        "release_lock_on_cudamalloc",
+        "pinned_use_cuda_host_register",
+        "pinned_num_register_threads",
+        "pinned_use_background_threads",
+    }
+)
+_ENTRY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):(\[[^\[\]]*\]|[^,:\[\]]+)(?:,|\Z)")
+
+
+@dataclass(frozen=True)
+class AllocatorConfig:
+    """The settings of PyTorch's caching allocator that the model follows (defaults: PyTorch's).
+
+    Attributes:
+        expandable_segments: grow one segment per pool by mapping pages (``expandable_segments:True``).
+        max_split_size_mb: blocks of at least this many MiB are never split, and serve only requests of
+            at least that size (``max_split_size_mb``); ``None`` for no limit. Not modelled together with
+            expandable segments.
+        unmodelled: ``key:value`` settings read from the text that the model does not follow (unknown
+            keys, and known ones that change allocation: ``roundup_power2_divisions``, ``backend``, ...).
+    """
+
+    expandable_segments: bool = False
+    max_split_size_mb: int | None = None
+    unmodelled: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.expandable_segments, bool):
+            raise TypeError(
+                f"Expected `expandable_segments` to be a bool, but got {self.expandable_segments!r}."
+            )
+        mss = self.max_split_size_mb
+        if mss is not None and not (isinstance(mss, int) and not isinstance(mss, bool) and mss >= 20):
+            raise ValueError(
+                f"Expected `max_split_size_mb` to be None or an int >= 20 (MiB), but got {mss!r}."
+            )
+        if mss is not None and self.expandable_segments:
+            raise ValueError(
+                f"Expected `max_split_size_mb` to be None with expandable segments, but got {mss!r}: the "
+                "model does not combine them (parse_alloc_conf reports it as unmodelled instead)."
+            )
+        if not (isinstance(self.unmodelled, tuple) and all(isinstance(s, str) for s in self.unmodelled)):
+            raise TypeError(f"Expected `unmodelled` to be a tuple of str, but got {self.unmodelled!r}.")
+
+    @property
+    def alloc_conf(self) -> str:
+        """The modelled settings as ``PYTORCH_CUDA_ALLOC_CONF`` text (``""`` for the default allocator)."""
+        parts = ["expandable_segments:True"] if self.expandable_segments else []
+        if self.max_split_size_mb is not None:
+            parts.append(f"max_split_size_mb:{self.max_split_size_mb}")
+        return ",".join(parts)
+
+
+def parse_alloc_conf(text: str | None) -> AllocatorConfig:
+    """Read a ``PYTORCH_CUDA_ALLOC_CONF`` value: comma-separated ``key:value`` settings, spaces ignored.
+
+    Settings the model does not follow are kept in :attr:`AllocatorConfig.unmodelled`; the last of a
+    repeated key wins, as in PyTorch's ``parseArgs``.
+
+    Example:
+        >>> config = parse_alloc_conf("expandable_segments:True, garbage_collection_threshold:0.6")
+        >>> config.expandable_segments, config.unmodelled, config.alloc_conf
+        (True, ('garbage_collection_threshold:0.6',), 'expandable_segments:True')
+
+    Raises:
+        ValueError: the text is not ``key:value`` settings, or a modelled value is not one PyTorch takes.
+    """
+    if text is None:
+        return AllocatorConfig()
+    if not isinstance(text, str):
+        raise TypeError(f"Expected the allocator configuration to be a str or None, but got {text!r}.")
+    squeezed = text.replace(" ", "")
+    settings: dict[str, str] = {}
+    position = 0
+    while position < len(squeezed):
+        match = _ENTRY.match(squeezed, position)
+        if match is None:
+            raise ValueError(
+                f"Expected PYTORCH_CUDA_ALLOC_CONF to be comma-separated key:value settings such as "
+                f"'expandable_segments:True', but got {text!r}."
+            )
+        settings.pop(match[1], None)  # keep the order of the last occurrences
+        settings[match[1]] = match[2]
+        position = match.end()
+    expandable, mss, unmodelled = False, None, []
+    for key, value in settings.items():
+        if key == "expandable_segments":
+            if value not in ("True", "False"):
+                raise ValueError(
+                    f"Expected expandable_segments to be True or False in PYTORCH_CUDA_ALLOC_CONF, but got "
+                    f"{value!r} in {text!r}."
+                )
+            expandable = value == "True"
+        elif key == "max_split_size_mb":
+            if not value.isdigit() or int(value) < 20:
+                raise ValueError(
+                    "Expected max_split_size_mb to be a whole number of MiB >= 20 in "
+                    f"PYTORCH_CUDA_ALLOC_CONF, but got {value!r} in {text!r}."
+                )
+            mss = int(value)
+        elif not (key in _NO_EFFECT or (key == "backend" and value == "native")):
+            unmodelled.append(f"{key}:{value}")
+    if expandable and mss is not None:
+        unmodelled.append(f"max_split_size_mb:{mss}")
+        mss = None
+    return AllocatorConfig(expandable, mss, tuple(unmodelled))
+
+
 class AllocatorOutOfMemory(RuntimeError):
-    """No free block fits and a new segment would take reserved memory past the cap.
+    """No free block fits and new memory would take reserved memory past the cap.
 
     Attributes:
         requested: bytes asked for, before rounding.
@@ -102,23 +228,34 @@ class BlockInfo:
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    """One segment (one cudaMalloc): its address, size, pool and blocks in address order."""
+    """One segment (one cudaMalloc, or one mapped range of an expandable segment): address, size, pool,
+    blocks in address order, and whether it is part of an expandable segment."""
 
     address: int
     size: int
     small: bool
     blocks: tuple[BlockInfo, ...]
+    expandable: bool = False
 
 
-@dataclass(eq=False)
-class _Block:
-    address: int
-    size: int
+@dataclass(frozen=True)
+class SegmentLayout:
+    """One segment in :meth:`CachingAllocator.layout`, without its address.
+
+    Attributes:
+        small: its pool.
+        size: its bytes; for an expandable segment, up to the end of its last mapped page.
+        blocks: its mapped blocks, offsets from the segment's start.
+        unmapped: ``(offset, size)`` of the unmapped pages below ``size`` (expandable segments only).
+    """
+
     small: bool
-    allocated: bool = False
-    requested: int = 0
-    prev: _Block | None = None
-    next: _Block | None = None
+    size: int
+    blocks: tuple[BlockInfo, ...]
+    unmapped: tuple[tuple[int, int], ...] = ()
+
+
+_DEFAULT_CONFIG = AllocatorConfig()
 
 
 class CachingAllocator:
@@ -128,64 +265,70 @@ class CachingAllocator:
     ``torch.empty(0, device="cuda")`` does. Segment addresses grow in creation order and are not reused,
     so ties between equal free blocks go to the older segment (cudaMalloc's own addresses are unknown).
 
+    With expandable segments the cap is both the process's memory fraction (PyTorch's ``alloc_block``
+    refuses to grow when reserved bytes plus the segment the request would get *without* expandable
+    segments would pass it) and the device's memory (a page that would take mapped bytes past the cap
+    fails to map, as ``cuMemCreate`` would on a device of that size), so reserved bytes never pass it.
+
     Args:
         cap: the most bytes the segments may total, or ``None`` for no cap.
+        config: the allocator's settings, from :func:`parse_alloc_conf`; PyTorch's defaults if omitted.
 
     Attributes:
         allocated_bytes: bytes in allocated blocks, at their rounded (or unsplit) sizes.
-        reserved_bytes: bytes in segments, allocated or cached.
+        reserved_bytes: bytes in segments (mapped pages of expandable ones), allocated or cached.
         requested_bytes: bytes the live allocations asked for, before rounding.
         peak_allocated_bytes, peak_reserved_bytes, peak_requested_bytes: the most of each since creation
             or :meth:`reset_peaks`.
-        num_segments: segments reserved now.
         num_ooms: out-of-memory errors raised so far.
-        num_alloc_retries: times a new segment was refused and the cached segments released to retry.
+        num_alloc_retries: times new memory was refused and the cached memory released to retry.
         Read them; only the allocator's methods change them.
     """
 
-    def __init__(self, cap: int | None) -> None:
+    def __init__(self, cap: int | None, config: AllocatorConfig = _DEFAULT_CONFIG) -> None:
         self.cap = None if cap is None else _check_bytes("cap", cap)
-        self._blocks: dict[int, _Block] = {}  # every block, free or allocated, by address
-        self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # (size, address) per pool
-        self._segments: dict[int, int] = {}  # size by address
+        if not isinstance(config, AllocatorConfig):
+            raise TypeError(
+                f"Expected `config` to be an AllocatorConfig (see parse_alloc_conf), but got {config!r}."
+            )
+        self.config = config
+        self._mss = None if config.max_split_size_mb is None else config.max_split_size_mb * _MIB
+        self._blocks = Blocks()  # every block, free or allocated, and the free ones by pool
+        self._segments: dict[int, int] = {}  # size by address, of whole (not expandable) segments
         self._next_address = _FIRST_ADDRESS
+        self._expandable = (
+            ExpandableSegments(self._blocks, _FIRST_ADDRESS) if config.expandable_segments else None
+        )
         self.allocated_bytes = self.reserved_bytes = self.requested_bytes = 0
         self.peak_allocated_bytes = self.peak_reserved_bytes = self.peak_requested_bytes = 0
-        self.num_segments = self.num_ooms = self.num_alloc_retries = 0
+        self.num_ooms = self.num_alloc_retries = 0
+
+    @property
+    def num_segments(self) -> int:
+        """Segments now: as :meth:`snapshot` lists them (each mapped range of an expandable segment)."""
+        return len(self._segments) if self._expandable is None else len(self.snapshot())
 
     def malloc(self, nbytes: int) -> int:
         """Allocate ``nbytes`` and return the block's handle.
 
         Raises:
-            AllocatorOutOfMemory: no free block fits, and a new segment passes the cap even after every
-                entirely free segment was released.
+            AllocatorOutOfMemory: no free block fits, and new memory passes the cap even after all cached
+                memory was released.
             ValueError: ``nbytes`` is not a non-negative int.
         """
         if _check_bytes("nbytes", nbytes) == 0:
             return 0
         size = _round_up(nbytes, _MIN_BLOCK)
         small = size <= _SMALL_SIZE
-        block = self._take_free_block(size, small)
-        if block is None:
-            segment = _segment_size(size)
-            if self.cap is not None and self.reserved_bytes + segment > self.cap:
-                self.num_alloc_retries += 1
-                self.empty_cache()
-                if self.reserved_bytes + segment > self.cap:
-                    self.num_ooms += 1
-                    raise AllocatorOutOfMemory(
-                        nbytes, segment, self.allocated_bytes, self.reserved_bytes, self.cap
-                    )
-            block = self._new_segment(segment, small)
-        remainder = block.size - size
-        split = remainder >= _MIN_BLOCK if small else remainder > _SMALL_SIZE
+        if self._expandable is not None:
+            block = self._expandable.best_fit(size, small) or self._grow(nbytes, size, small)
+            split = block.size - size >= _MIN_BLOCK  # should_split: any 512 bytes, in both pools
+        else:
+            block = self._take_free_block(size, small) or self._new_segment_for(nbytes, size, small)
+            remainder = block.size - size
+            split = remainder >= _MIN_BLOCK if small else remainder > _SMALL_SIZE and not self._oversize(size)
         if split:
-            rest = _Block(block.address + size, remainder, small, prev=block, next=block.next)
-            if block.next is not None:
-                block.next.prev = rest
-            block.next, block.size = rest, size
-            self._blocks[rest.address] = rest
-            bisect.insort(self._free[small], (rest.size, rest.address))
+            self._blocks.list_free(self._blocks.split(block, size))
         block.allocated, block.requested = True, nbytes
         self.allocated_bytes += block.size
         self.requested_bytes += nbytes
@@ -194,7 +337,7 @@ class CachingAllocator:
         return block.address
 
     def free(self, handle: int) -> None:
-        """Free the block of ``handle`` and merge it with its free neighbours; the segment stays reserved.
+        """Free the block of ``handle`` and merge it with its free neighbours; the memory stays reserved.
 
         Raises:
             ValueError: ``handle`` is not a live allocation of this allocator.
@@ -204,7 +347,7 @@ class CachingAllocator:
         elif handle == 0:
             return  # the null handle of an empty allocation, like cudaFree(nullptr)
         else:
-            block = self._blocks.get(handle)
+            block = self._blocks.by_address.get(handle)
         if block is None or not block.allocated:
             raise ValueError(
                 f"Expected `handle` to be a live allocation of this allocator, but got {handle!r} "
@@ -213,37 +356,40 @@ class CachingAllocator:
         block.allocated = False
         self.allocated_bytes -= block.size
         self.requested_bytes -= block.requested
-        for neighbour in (block.next, block.prev):
-            if neighbour is not None and not neighbour.allocated:
-                self._unlist(neighbour)
+        for neighbour in (block.next, block.prev):  # free_block: a free neighbour on mapped pages merges
+            if neighbour is not None and not neighbour.allocated and neighbour.mapped:
+                self._blocks.unlist_free(neighbour)
                 left, right = (block, neighbour) if neighbour is block.next else (neighbour, block)
-                left.size += right.size
-                left.next = right.next
-                if right.next is not None:
-                    right.next.prev = left
-                del self._blocks[right.address]
-                block = left
-        bisect.insort(self._free[block.small], (block.size, block.address))
+                block = self._blocks.merge(left, right)
+        self._blocks.list_free(block)
 
     def block_size(self, handle: int) -> int:
         """The bytes the block of ``handle`` takes (its rounded, or unsplit, size); 0 for the null handle."""
-        return 0 if handle == 0 else self._blocks[handle].size
+        return 0 if handle == 0 else self._blocks.by_address[handle].size
 
     def empty_cache(self) -> None:
-        """Release every segment that is entirely free, in both pools."""
+        """Release cached memory in both pools: every entirely free segment, or with expandable segments
+        every whole page inside a free block (``release_cached_blocks``)."""
+        if self._expandable is not None:
+            self.reserved_bytes -= self._expandable.release()
+            return
         for block in self._cached_segments():
-            self._unlist(block)
-            del self._blocks[block.address], self._segments[block.address]
-            self.reserved_bytes -= block.size
-            self.num_segments -= 1
+            self._release_segment(block)
 
     def would_fit(self, nbytes: int) -> bool:
         """Tell whether ``malloc(nbytes)`` would succeed now, changing nothing."""
         if _check_bytes("nbytes", nbytes) == 0 or self.cap is None:
             return True
+        if self._expandable is not None or self._mss is not None:
+            try:
+                self._copy().malloc(nbytes)
+            except AllocatorOutOfMemory:
+                return False
+            return True
         size = _round_up(nbytes, _MIN_BLOCK)
-        keys = self._free[size <= _SMALL_SIZE]
-        if bisect.bisect_left(keys, (size, 0)) < len(keys):
+        if self._blocks.first_fit_index(size, size <= _SMALL_SIZE) < len(
+            self._blocks.free[size <= _SMALL_SIZE]
+        ):
             return True
         cached = sum(block.size for block in self._cached_segments())
         return self.reserved_bytes - cached + _segment_size(size) <= self.cap
@@ -254,37 +400,156 @@ class CachingAllocator:
         self.peak_requested_bytes = self.requested_bytes
 
     def snapshot(self) -> list[SegmentInfo]:
-        """Describe every segment and its blocks, in address order."""
-        result = []
-        for address, size in sorted(self._segments.items()):
-            blocks, block = [], self._blocks.get(address)
-            while block is not None:
-                blocks.append(BlockInfo(block.address - address, block.size, block.allocated))
-                block = block.next
-            result.append(SegmentInfo(address, size, self._blocks[address].small, tuple(blocks)))
-        return result
+        """Describe every segment and its blocks, in address order; an expandable segment as one
+        :class:`SegmentInfo` per range of mapped pages, as ``torch.cuda.memory_snapshot`` does."""
+        if self._expandable is None:
+            result = []
+            for address, size in sorted(self._segments.items()):
+                blocks = self._chain(address)
+                infos = tuple(BlockInfo(b.address - address, b.size, b.allocated) for b in blocks)
+                result.append(SegmentInfo(address, size, blocks[0].small, infos))
+            return result
+        runs: list[SegmentInfo] = []
+        for _, small, blocks in self._expandable.segments():
+            run: list[Block] = []
+            for block in [*blocks, None]:
+                if block is not None and block.mapped:
+                    run.append(block)
+                elif run:
+                    start = run[0].address
+                    infos = tuple(BlockInfo(b.address - start, b.size, b.allocated) for b in run)
+                    runs.append(SegmentInfo(start, sum(b.size for b in run), small, infos, expandable=True))
+                    run = []
+        return runs
 
-    def _cached_segments(self) -> list[_Block]:
-        free = (self._blocks[address] for keys in self._free.values() for _, address in keys)
+    def layout(self) -> tuple[SegmentLayout, ...]:
+        """The state that decides where future requests go, without addresses: hashable, and equal for two
+        allocators (of the same cap and configuration) that will place any future requests, and frees of
+        the blocks at the same offsets, alike.
+
+        The large pool's segments come first, then the small pool's, each pool's in address order (the
+        order that breaks ties between equal free blocks; pools never serve each other).
+        """
+        segments: list[SegmentLayout] = []
+        if self._expandable is None:
+            for address, size in sorted(self._segments.items()):
+                blocks = self._chain(address)
+                infos = tuple(BlockInfo(b.address - address, b.size, b.allocated) for b in blocks)
+                segments.append(SegmentLayout(blocks[0].small, size, infos))
+        else:
+            for base, small, blocks in self._expandable.segments():
+                mapped = tuple(BlockInfo(b.address - base, b.size, b.allocated) for b in blocks if b.mapped)
+                holes = tuple((b.address - base, b.size) for b in blocks if not b.mapped)
+                segments.append(SegmentLayout(small, sum(b.size for b in blocks), mapped, holes))
+        return tuple(sorted(segments, key=lambda s: s.small))
+
+    def _chain(self, address: int) -> list[Block]:
+        blocks, block = [], self._blocks.by_address.get(address)
+        while block is not None:
+            blocks.append(block)
+            block = block.next
+        return blocks
+
+    def _cached_segments(self) -> list[Block]:
+        free = (
+            self._blocks.by_address[address] for keys in self._blocks.free.values() for _, address in keys
+        )
         return [block for block in free if block.prev is None and block.next is None]
 
-    def _take_free_block(self, size: int, small: bool) -> _Block | None:
-        keys = self._free[small]
-        i = bisect.bisect_left(keys, (size, 0))  # best fit: smallest size, then lowest address
-        return self._blocks[keys.pop(i)[1]] if i < len(keys) else None
+    def _oversize(self, size: int) -> bool:
+        return self._mss is not None and size >= self._mss
 
-    def _unlist(self, block: _Block) -> None:
-        keys = self._free[block.small]
-        del keys[bisect.bisect_left(keys, (block.size, block.address))]
+    def _take_free_block(self, size: int, small: bool) -> Block | None:
+        keys = self._blocks.free[small]
+        i = self._blocks.first_fit_index(size, small)  # best fit: smallest size, then lowest address
+        if i == len(keys):
+            return None
+        # get_free_block: an oversize block serves only oversize requests, and only within 20 MiB of it.
+        if self._mss is not None and (
+            self._oversize(keys[i][0]) if size < self._mss else keys[i][0] >= size + _LARGE_SEGMENT
+        ):
+            return None
+        return self._blocks.by_address[keys.pop(i)[1]]
 
-    def _new_segment(self, size: int, small: bool) -> _Block:
-        address, self._next_address = self._next_address, self._next_address + size
-        block = self._blocks[address] = _Block(address, size, small)
-        self._segments[address] = size
-        self.num_segments += 1
-        self.reserved_bytes += size
-        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
+    def _new_segment_for(self, nbytes: int, size: int, small: bool) -> Block:
+        """``alloc_block``, and the releases and retries before an out-of-memory, for a whole segment."""
+        segment = _segment_size(size)
+        if not self._room_for(segment) and not (
+            self._release_oversize(size, small) and self._room_for(segment)
+        ):
+            self.num_alloc_retries += 1
+            self.empty_cache()
+            if not self._room_for(segment):
+                self._out_of_memory(nbytes, segment)
+        address, self._next_address = self._next_address, self._next_address + segment
+        block = self._blocks.add(Block(address, segment, small))
+        self._segments[address] = segment
+        self._add_reserved(segment)
         return block
+
+    def _room_for(self, nbytes: int) -> bool:
+        return self.cap is None or self.reserved_bytes + nbytes <= self.cap
+
+    def _release_oversize(self, size: int, small: bool) -> bool:
+        """``release_available_cached_blocks``: with max_split_size, free the smallest cached oversize
+        segment that covers the request, or else the largest ones until they do."""
+        if self._mss is None:
+            return False
+        target, keys = max(size, self._mss), self._blocks.free[small]
+        i = self._blocks.first_fit_index(target, small)
+        if i < len(keys):
+            self._release_segment(self._blocks.by_address[keys[i][1]])
+            return True
+        released = 0
+        while released < target and keys and self._oversize(keys[-1][0]):
+            released += keys[-1][0]
+            self._release_segment(self._blocks.by_address[keys[-1][1]])
+        return released >= target
+
+    def _release_segment(self, block: Block) -> None:
+        self._blocks.unlist_free(block)
+        del self._blocks.by_address[block.address], self._segments[block.address]
+        self.reserved_bytes -= block.size
+
+    def _grow(self, nbytes: int, size: int, small: bool) -> Block:
+        """``alloc_block`` with expandable segments, and the release and retry before an out-of-memory."""
+        block = self._map(size, small)
+        if block is None:
+            self.num_alloc_retries += 1
+            self.empty_cache()
+            block = self._map(size, small)
+            if block is None:
+                self._out_of_memory(nbytes, _segment_size(size))
+        return block
+
+    def _map(self, size: int, small: bool) -> Block | None:
+        assert self._expandable is not None
+        # The fraction is checked against the segment the request would get without expandable segments.
+        if not self._room_for(_segment_size(size)):
+            return None
+        headroom = None if self.cap is None else self.cap - self.reserved_bytes
+        block, mapped = self._expandable.grow(size, small, headroom)
+        self._add_reserved(mapped)
+        return block
+
+    def _add_reserved(self, nbytes: int) -> None:
+        self.reserved_bytes += nbytes
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
+
+    def _out_of_memory(self, nbytes: int, segment: int) -> NoReturn:
+        assert self.cap is not None  # only a cap refuses memory
+        self.num_ooms += 1
+        raise AllocatorOutOfMemory(nbytes, segment, self.allocated_bytes, self.reserved_bytes, self.cap)
+
+    def _copy(self) -> CachingAllocator:
+        twin = CachingAllocator(self.cap, self.config)
+        twin._blocks = self._blocks.copy()
+        twin._segments, twin._next_address = dict(self._segments), self._next_address
+        if self._expandable is not None:
+            twin._expandable = self._expandable.copy(twin._blocks)
+        twin.allocated_bytes, twin.reserved_bytes = self.allocated_bytes, self.reserved_bytes
+        twin.requested_bytes = self.requested_bytes
+        return twin
 
 
 @dataclass(frozen=True)
@@ -302,7 +567,9 @@ class ReplayResult:
     first_oom: int | None
 
 
-def replay(events: Iterable[Sequence[object]], cap: int | None) -> ReplayResult:
+def replay(
+    events: Iterable[Sequence[object]], cap: int | None, config: AllocatorConfig = _DEFAULT_CONFIG
+) -> ReplayResult:
     """Run a trace of ``("alloc", id, nbytes)`` and ``("free", id)`` events on a fresh allocator.
 
     The replay stops at the first allocation that runs out of memory (the step would have failed there);
@@ -315,7 +582,7 @@ def replay(events: Iterable[Sequence[object]], cap: int | None) -> ReplayResult:
     Raises:
         ValueError: an event is malformed, allocates a live id, or frees an id that is not live.
     """
-    allocator = CachingAllocator(cap)
+    allocator = CachingAllocator(cap, config)
     live: dict[object, int] = {}
     for i, event in enumerate(events):
         shape = (event[0], len(event)) if isinstance(event, tuple | list) and event else None
