@@ -14,14 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import autobatch.allocator
+from autobatch.alloc_conf import AllocatorConfig, parse_alloc_conf
 from autobatch.allocator import (
-    AllocatorConfig,
     AllocatorOutOfMemory,
     BlockInfo,
     CachingAllocator,
     ReplayResult,
     SegmentLayout,
-    parse_alloc_conf,
     replay,
 )
 
