@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = ["DEMO_MEMORY_LIMIT", "DigitsCNN", "DigitsData", "load_digits_data"]
 
-DEMO_MEMORY_LIMIT = "640KiB"
+DEMO_MEMORY_LIMIT = "640.00 KiB"
 """The emulated device of the demo: small enough that a micro-batch of 32 does not fit."""
 
 

@@ -11,6 +11,8 @@ import importlib
 import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,20 @@ import pytest
 import torch
 
 import autobatch
-from autobatch.cli import EXIT_ERROR, EXIT_NO_FIT, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION, main
+import autobatch.api
+from autobatch.cli import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NO_FIT,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    JSON_SCHEMA_VERSION,
+    main,
+)
+from autobatch.cli.parser import EXAMPLES, build_parser
+from autobatch.demo import DEMO_MEMORY_LIMIT
+from autobatch.units import format_bytes, parse_memory_limit
 
 torch.set_num_threads(1)
 
@@ -175,6 +190,19 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+_SIZE = re.compile(r"\b\d[\d.,]*\s*(?:[KMGT]i?B|bytes)\b")
+
+
+def assert_sizes_written_one_way(text: str) -> None:
+    """Every size in ``text`` is written as :func:`~autobatch.units.format_bytes` writes it (``640.00
+    KiB``, which ``--memory-limit`` takes too), never ``640KiB`` beside it."""
+    sizes = _SIZE.findall(text)
+    assert sizes, "no sizes in the output"
+    for size in sizes:
+        assert re.fullmatch(r"\d+\.\d\d [KMG]iB", size), f"{size!r} is not written as format_bytes writes"
+        assert format_bytes(parse_memory_limit(size)) == size  # type: ignore[arg-type]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
@@ -184,6 +212,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def test_exit_codes() -> None:
     assert (EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_FIT) == (0, 1, 2, 3)
+    assert (EXIT_INTERRUPTED, EXIT_TERMINATED) == (128 + 2, 128 + 15)  # the shell's code of each signal
 
 
 def test_json_is_one_object_with_the_result(
@@ -432,14 +461,28 @@ def test_format_alone_prints_only_the_settings(
     assert "autobatch probe: micro-batch 11" in flat(err) and "hf settings" in err
 
 
-def test_format_without_target_uses_the_micro_batch(
-    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("tool", ["hf", "lightning", "deepspeed"])
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_format_without_target_batch_is_a_usage_error(
+    spec: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tool: str,
+    as_json: bool,
 ) -> None:
-    code, out, _ = run(
-        capsys, "probe", *CPU, spec("build"), "--memory-limit", "64KiB", "--max-batch", "12",
-        "--format", "lightning",
-    )  # fmt: skip
-    assert code == EXIT_OK and json.loads(out) == {"batch_size": 12, "accumulate_grad_batches": 1}
+    """The settings hold gradient accumulation for a target batch: without one they would export 1."""
+
+    def no_probe(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("probed although --format has no --target-batch")
+
+    monkeypatch.setattr(autobatch.api, "probe", no_probe)
+    json_flag = ("--json",) if as_json else ()
+    code, out, err = run(capsys, "probe", *CPU, spec("build"), "--format", tool, *json_flag)
+    assert code == EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1, err  # one line
+    assert f"--format {tool} needs --target-batch" in err and "--target-batch 256" in err
+    payload = json.loads(out)  # --format reserves stdout for one JSON object, with or without --json
+    assert payload["exit_code"] == EXIT_USAGE and "needs --target-batch" in payload["error"]
 
 
 # --- exit 3: nothing fits, or below --min-batch ---------------------------------------------------
@@ -474,6 +517,28 @@ def test_nothing_fits_exits_3(spec: Callable[[str], str], capsys: pytest.Capture
 
     # The figure is the smallest limit that does: at it the probe finds a batch, just below it none.
     code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", str(out["needed_bytes"]))
+    assert code == EXIT_OK and out["micro_batch"] >= 1
+
+
+def test_the_no_fit_hint_is_in_flag_syntax(
+    spec: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line suggests flags (``--memory-limit 2.19MiB``), never Python (``memory_limit=``); the
+    size it suggests, passed as it is written, makes a batch fit."""
+    code, out, err = probe_json(capsys, spec("build"), "--memory-limit", "1KiB")
+    assert code == EXIT_NO_FIT
+    message = out["error"]
+    (line,) = [line for line in err.splitlines() if line.startswith("no batch fits: ")]
+    assert line == f"no batch fits: {message}"
+    assert "memory_limit=" not in message and "precision=" not in message
+    suggested = re.search(r"Try --memory-limit (\S+) or more", message)
+    assert suggested is not None, message
+    size = suggested.group(1)
+    assert size == format_bytes(out["needed_bytes"], up=True).replace(" ", "")  # as every size is written
+    assert parse_memory_limit(size) >= out["needed_bytes"]
+    assert "--precision bf16" in message  # the probe ran in fp32
+    assert "--optimizer sgd (less state than AdamW)" in message
+    code, out, _ = probe_json(capsys, spec("build"), "--memory-limit", size)
     assert code == EXIT_OK and out["micro_batch"] >= 1
 
 
@@ -572,7 +637,7 @@ def test_indivisible_target_exits_2_before_probing(
     def no_probe(*args: Any, **kwargs: Any) -> None:
         pytest.fail("probed despite an indivisible --target-batch")
 
-    monkeypatch.setattr(autobatch, "probe", no_probe)
+    monkeypatch.setattr(autobatch.api, "probe", no_probe)  # what the command calls
     code, out, err = run(capsys, "probe", *CPU, spec("build"), "--target-batch", "33", "--world-size", "2")
     assert code == EXIT_USAGE and out == ""
     assert "target_batch=33 is not divisible by world_size=2" in flat(err)
@@ -707,6 +772,39 @@ def test_probe_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> No
     assert "adamw,adam,sgd" in out and "auto,fp16,bf16,fp32" in out and "text,hf,lightning,deepspeed" in out
 
 
+def test_probe_help_says_what_the_command_line_does_without_device(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "probe", "--help")
+    text = flat(out)
+    assert code == EXIT_OK
+    device_help = text[text.rindex("--device DEVICE") : text.rindex("--emulation")]  # past the usage
+    assert "(default: CUDA when available, then MPS, else the CPU" in device_help, device_help
+    assert "fit:" not in device_help and "the model's" not in device_help
+
+
+def _first_example() -> list[str]:
+    """The help's first example, as the shell would split it (continuation lines joined)."""
+    lines = EXAMPLES.splitlines()[1:]
+    command = ""
+    for line in lines:
+        command += line.split("  #")[0].strip()
+        if not command.endswith("\\"):
+            break
+        command = command[:-1] + " "
+    return shlex.split(command)
+
+
+@pytest.mark.slow
+def test_the_helps_first_example_runs_on_a_plain_install(capsys: pytest.CaptureFixture[str]) -> None:
+    """No torchvision or download: it runs as a newcomer copies it (here without the cache)."""
+    argv = _first_example()
+    assert argv[:2] == ["autobatch", "probe"] and "examples:\n  " + argv[0] in EXAMPLES
+    code, out, err = run(capsys, *argv[1:], "--no-cache", "--no-progress")
+    assert code == EXIT_OK, err
+    assert "autobatch probe: micro-batch" in flat(out) and "plan:" in out
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == EXIT_OK and out.strip() == f"autobatch {autobatch.__version__}"
@@ -718,6 +816,8 @@ def test_demo_one_epoch_json(capsys: pytest.CaptureFixture[str]) -> None:
         code, out, err = run(capsys, "demo", "--epochs", "1", "--json")
     assert code == EXIT_OK
     assert "About BatchNorm: the CNN normalises each micro-batch" in flat(err)
+    assert "on an emulated device of 640.00 KiB" in flat(err)
+    assert_sizes_written_one_way(err)
     result = json.loads(out)
     assert result["schema_version"] == JSON_SCHEMA_VERSION and result["epochs"] == 1
     assert result["plan"]["accumulation_steps"] > 1 and result["plan"]["effective_batch"] == 32
@@ -884,8 +984,10 @@ def test_demo_help_shows_the_defaults_and_the_cache_directory_in_use(
     code, out, _ = run(capsys, "demo", "--help")
     text = flat(out)
     assert code == EXIT_OK
-    for default in ("(default: 4)", "(default: 32)", "(default: 640KiB)", "(default: 0)"):
+    for default in ("(default: 4)", "(default: 32)", "(default: 640.00 KiB)", "(default: 0)"):
         assert default in text
+    demo = build_parser().parse_args(["demo"])
+    assert parse_memory_limit(demo.memory_limit) == parse_memory_limit(DEMO_MEMORY_LIMIT) == 640 * 1024
     # argparse wraps long paths at their hyphens: compare without any whitespace
     assert f"here{tmp_path / 'here'}" in "".join(out.split())
 

@@ -2,9 +2,11 @@
 
 With ``--json``, ``autobatch probe`` prints exactly one JSON object on stdout in every outcome, and its
 ``exit_code`` is the process's: 0 ok; 1 the user's code raised or exited; 2 usage or spec errors; 3 nothing
-fits or below ``--min-batch``; 130 interrupted. Whatever the user's module prints (at import, in a factory,
-in ``forward``, straight to file descriptor 1) lands on stderr. Each hostile module is a file in a fresh
-directory, named as ``path/to/file.py:attr`` or, from that directory, as ``module:attr``.
+fits or below ``--min-batch``; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, also mid-probe, where the
+probe still restores the model). Whatever the user's module prints (at import, in a factory, in ``forward``,
+straight to file descriptor 1, from a thread or an ``atexit`` handler after the command) lands on stderr.
+Each hostile module is a file in a fresh directory, named as ``path/to/file.py:attr`` or, from that
+directory, as ``module:attr``.
 
 ``autobatch cache show|clear`` must survive a hostile cache directory (a FIFO, a symlink to ``/dev/zero``,
 an oversized file, schema-invalid entries, a directory) without hanging: each bad file gets one warning.
@@ -17,16 +19,26 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from autobatch.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NO_FIT, EXIT_OK, EXIT_USAGE, JSON_SCHEMA_VERSION
+from autobatch.cli import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NO_FIT,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    JSON_SCHEMA_VERSION,
+)
 
 AUTOBATCH = shutil.which("autobatch")
 pytestmark = pytest.mark.slow  # every test runs the console script in a fresh interpreter
@@ -305,6 +317,192 @@ def test_an_interrupt_is_exit_130(
     path = user_module(tmp_path, name, 'print("about to interrupt")\n' + body)
     proc = probe(f"{path}:{attr}", env=env)
     expect_error(proc, EXIT_INTERRUPTED, "interrupted", printed=("about to interrupt",))
+
+
+# ------------------------------------------------------------- the process after the command, SIGTERM
+
+
+def test_an_atexit_handler_printing_goes_to_stderr(tmp_path: Path, env: dict[str, str]) -> None:
+    """The object is written after the user's ``atexit`` handlers: their output lands on stderr."""
+    path = user_module(
+        tmp_path,
+        "atexit_prints",
+        """
+        import atexit
+
+        @atexit.register
+        def goodbye():
+            print("hello from atexit")
+            os.write(1, b"raw write from atexit\\n")
+        """,
+    )
+    expect_success(probe(f"{path}:tiny", env=env), printed=("hello from atexit", "raw write from atexit"))
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["thread", "daemon thread"])
+def test_a_thread_printing_after_the_command_returns(
+    tmp_path: Path, env: dict[str, str], daemon: bool
+) -> None:
+    """A thread that prints once the main thread is done (Python is joining threads or shutting down)."""
+    path = user_module(
+        tmp_path,
+        "late_thread",
+        f"""
+        import atexit
+        import threading
+        import time
+
+        printed = threading.Event()
+
+        def late():
+            while threading.main_thread().is_alive():
+                time.sleep(0.01)
+            print("hello from a late thread")
+            os.write(1, b"raw write from a late thread\\n")
+            printed.set()
+
+        threading.Thread(target=late, daemon={daemon}).start()
+        # A daemon thread is not joined: an atexit handler waits for it, so that it surely prints.
+        atexit.register(printed.wait, 30)
+        """,
+    )
+    proc = probe(f"{path}:tiny", env=env)
+    expect_success(proc, printed=("hello from a late thread", "raw write from a late thread"))
+
+
+def test_a_module_closing_stdout_at_import(tmp_path: Path, env: dict[str, str]) -> None:
+    path = user_module(tmp_path, "closes_stdout", 'print("about to close stdout")\nsys.stdout.close()\n')
+    expect_success(probe(f"{path}:tiny", env=env), printed=("about to close stdout",))
+
+
+BLOCKS_MID_PROBE = """
+    import atexit
+    import time
+    from pathlib import Path
+
+    INITIAL = {}
+    MODELS = []
+
+    def build():
+        model = Net()
+        MODELS.append(model)
+        INITIAL.update({k: v.clone() for k, v in model.state_dict().items()})
+
+        @atexit.register
+        def check():  # runs after the interrupted probe has cleaned up
+            same = all(torch.equal(v, INITIAL[k]) for k, v in model.state_dict().items())
+            print(f"weights restored: {same}")
+
+        return model
+
+    def hook(x):
+        # Block in a step once the probe's steps have changed the weights (it must put them back).
+        if any(not torch.equal(v, INITIAL[k]) for k, v in MODELS[0].state_dict().items()):
+            print("the probe changed the weights")
+            Path(__file__).with_name("in_probe").write_text("")
+            while True:
+                time.sleep(0.01)
+    """
+"""A model whose step blocks once the probe has trained it, and says at exit whether its weights are back."""
+
+
+def _start(spec: str, *extra: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``autobatch probe SPEC … --json`` started in the background (as :func:`probe` runs it)."""
+    assert AUTOBATCH is not None
+    flags = (*RANDOM_INPUTS, *QUIET_CPU, "--no-cache", "--json", *extra)
+    return subprocess.Popen(
+        [AUTOBATCH, "probe", spec, *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _when(mark: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Wait until ``mark`` exists (the user's code is where the test wants it); fail if the command ends."""
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the command ended (exit {proc.returncode}) first\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{mark.name} never appeared")
+        time.sleep(0.05)
+
+
+def _finished(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the command did not end after SIGTERM\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+def test_sigterm_mid_probe_is_interrupted_with_its_json(
+    tmp_path: Path, env: dict[str, str], signals: int
+) -> None:
+    """SIGTERM (``timeout``, a CI runner) while a step runs: exit 143 with its object, the weights restored;
+    a second SIGTERM while the probe cleans up changes nothing."""
+    path = user_module(tmp_path, "blocks_mid_probe", BLOCKS_MID_PROBE)
+    proc = _start(f"{path}:build", env=env)
+    _when(tmp_path / "in_probe", proc)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+    done = _finished(proc)
+    expect_error(done, EXIT_TERMINATED, "interrupted", printed=("the probe changed the weights",))
+    assert "weights restored: True" in done.stderr, done.stderr
+
+
+def test_sigterm_at_import_is_interrupted_with_its_json(tmp_path: Path, env: dict[str, str]) -> None:
+    path = user_module(
+        tmp_path,
+        "blocks_at_import",
+        """
+        import time
+        from pathlib import Path
+
+        print("importing")
+        Path(__file__).with_name("importing").write_text("")
+        time.sleep(600)
+        """,
+    )
+    proc = _start(f"{path}:tiny", env=env)
+    _when(tmp_path / "importing", proc)
+    proc.send_signal(signal.SIGTERM)
+    expect_error(_finished(proc), EXIT_TERMINATED, "interrupted", printed=("importing",))
+
+
+def test_sigterm_while_python_waits_for_the_users_thread(tmp_path: Path, env: dict[str, str]) -> None:
+    """The command has its outcome; a thread of the user's never ends. SIGTERM ends the wait: the outcome's
+    object and exit code, nothing of the thread's on stdout."""
+    path = user_module(
+        tmp_path,
+        "endless_thread",
+        """
+        import threading
+        import time
+        from pathlib import Path
+
+        def endless():
+            while threading.main_thread().is_alive():
+                time.sleep(0.01)
+            print("the command is done; this thread goes on")
+            Path(__file__).with_name("main_done").write_text("")
+            while True:
+                time.sleep(0.01)
+
+        threading.Thread(target=endless).start()
+        """,
+    )
+    proc = _start(f"{path}:tiny", env=env)
+    _when(tmp_path / "main_done", proc)
+    proc.send_signal(signal.SIGTERM)
+    expect_success(_finished(proc), printed=("the command is done; this thread goes on",))
 
 
 # ------------------------------------------------------------------ the user's module reads sys.argv

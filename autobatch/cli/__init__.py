@@ -7,14 +7,24 @@ A thin front over the public API, one module per command (:mod:`autobatch.cli.pr
 exactly one JSON object in every outcome (:class:`~autobatch.cli.io.Streams`), whatever the user's code
 prints, raises or exits with.
 
+Run as a program (the ``autobatch`` script, ``python -m autobatch``: :func:`main` without arguments), the
+command owns the process until it exits: in machine mode fd 1 points at stderr from the start of the command,
+and the JSON object is written after the user's ``atexit`` handlers and non-daemon threads have finished
+(an ``atexit`` print or a late thread's lands on stderr). Called as ``main(argv)`` from Python, it restores
+everything when it returns.
+
 Exit codes, mapped from exception types: 0 success; 1 an error in the user's code or one of autobatch's
 run-time verdicts (a user module that calls ``sys.exit`` included); 2 bad usage (arguments, specs:
 :class:`~autobatch.errors.UsageError`); 3 nothing fits, or the micro-batch is below ``--min-batch`` (the CI
-gate); 130 interrupted.
+gate); 130 interrupted by Ctrl-C (SIGINT, ``KeyboardInterrupt``); 143 interrupted by SIGTERM (``timeout``, a
+CI runner cancelling a job). Both interrupts are the ``"interrupted"`` outcome, with its JSON object; their
+codes are the shell's 128 + the signal's number, what a job killed by that signal reports, so a runner that
+reads 143 as "terminated" still does, and 130 and 143 say which signal it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -22,7 +32,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from autobatch.cli.io import Streams, console
+from autobatch.cli.io import Streams, Terminated, console
 from autobatch.cli.parser import build_parser, wants_json
 from autobatch.errors import AutobatchError, NoBatchFitsError, UsageError
 
@@ -31,13 +41,14 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NO_FIT",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "JSON_SCHEMA_VERSION",
     "error_payload",
     "main",
 ]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_FIT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 JSON_SCHEMA_VERSION = 2
 """Version of the ``--json`` object's layout; bumped on any incompatible change (2: ``optimizer_steps``,
 ``plan.chunk_sizes``, ``verified``)."""
@@ -77,6 +88,8 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
         return EXIT_NO_FIT, "no batch fits", str(exc)
     if isinstance(exc, UsageError):
         return EXIT_USAGE, "error", str(exc)
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED, "interrupted", "terminated by SIGTERM"
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted", "interrupted"
     if isinstance(exc, SystemExit):  # autobatch never exits mid-command: the user's code did
@@ -92,14 +105,16 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
 
 def _report(streams: Streams, exc: BaseException, verbose: bool) -> int:
     code, kind, message = _classify(exc)
-    err = console(streams.stderr)
-    if code == EXIT_ERROR and kind != "user code exited":
-        if verbose:
-            err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
-        else:
-            message += " (run with -v for the traceback)"
-    # One line, however narrow the terminal: CI logs are read with grep.
-    err.print(f"{kind}: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    # A closed or broken stderr (the user's code may close it) must not keep the JSON object from stdout.
+    with contextlib.suppress(OSError, ValueError):
+        err = console(streams.stderr)
+        if code == EXIT_ERROR and kind != "user code exited":
+            if verbose:
+                err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+            else:
+                message += " (run with -v for the traceback)"
+        # One line, however narrow the terminal: CI logs are read with grep.
+        err.print(f"{kind}: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
     if streams.machine:
         streams.write_json(error_payload(code, kind, message, exc))
     return code
@@ -116,22 +131,32 @@ def _logging(verbose: bool, stream: Any) -> logging.Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.
+
+    Args:
+        argv: the arguments; ``None`` (the ``autobatch`` script, ``python -m autobatch``) reads
+            ``sys.argv`` and makes the command own the process until it exits (see the module's docstring).
+    """
+    process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)  # --help and --version exit here, as argparse does
     except UsageError as exc:
         return _report(Streams(machine=wants_json(argv)), exc, verbose=False)
     verbose = bool(getattr(args, "verbose", False))
-    streams = Streams(machine=bool(getattr(args, "json", False)) or getattr(args, "format", "text") != "text")
+    machine = bool(getattr(args, "json", False)) or getattr(args, "format", "text") != "text"
+    streams = Streams(machine=machine, process=process)
     handler = _logging(verbose, streams.stderr)
     try:
         with streams.active():
             try:
-                command = importlib.import_module(_COMMANDS[args.command])
-                return int(command.run(args, streams))
+                with streams.interruptible():
+                    command = importlib.import_module(_COMMANDS[args.command])
+                    code = int(command.run(args, streams))
             except BaseException as exc:  # every outcome is reported, the user's sys.exit included
-                return _report(streams, exc, verbose)
+                code = _report(streams, exc, verbose)
+            streams.finish(code)
+            return code
     finally:
         logging.getLogger("autobatch").removeHandler(handler)
 

@@ -17,14 +17,16 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     from autobatch.api import fit
     from autobatch.cli import JSON_SCHEMA_VERSION
     from autobatch.demo import DigitsCNN, load_digits_data
+    from autobatch.units import format_bytes, parse_memory_limit
 
+    limit = int(parse_memory_limit(args.memory_limit, name="--memory-limit") or 0)  # a string is never None
     human = console(streams.people)
     digits = load_digits_data(seed=args.seed)
     torch.manual_seed(args.seed)
     human.print(
         f"[bold]autobatch demo[/]: a CNN on scikit-learn's digits ({len(digits.train[1])} train, "
         f"{len(digits.test[1])} held out), target batch {args.target_batch}, on an emulated device of "
-        f"{args.memory_limit}",
+        f"{format_bytes(limit)}",  # as every size autobatch prints, e.g. the probe's limit below
         highlight=False,
     )
     options = {k: getattr(args, k) for k in ("cache", "cache_dir") if getattr(args, k) is not None}
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
             epochs=args.epochs,
             eval_data=digits.test,
             target_names=digits.target_names,
-            memory_limit=args.memory_limit,
+            memory_limit=limit,
             device="cpu",
             seed=args.seed,
             progress=False if args.json else None,

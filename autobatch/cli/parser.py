@@ -17,21 +17,42 @@ from autobatch._version import __version__
 from autobatch.errors import UsageValueError
 from autobatch.options import ENTRY_POINTS, GROUPS, entry_fields, spec_of
 from autobatch.planner import CONFIG_FORMATS
+from autobatch.units import format_bytes
 
-__all__ = ["EXAMPLES", "ArgumentParser", "build_parser", "flag_fields", "positive_int"]
+__all__ = [
+    "EXAMPLES",
+    "ArgumentParser",
+    "build_parser",
+    "flag_fields",
+    "flag_size",
+    "positive_int",
+]
 
 EXAMPLES = """\
 examples:
-  autobatch probe torchvision.models:resnet18 --input-shape 3,224,224 --num-classes 1000 \\
-      --memory-limit 8GiB --target-batch 256
-  autobatch probe models.py:build --data data.py:train_set --precision bf16 --json
-  autobatch probe mypkg.lm:make_model --seq-len 512 --vocab 32000 --format hf --target-batch 64
+  autobatch probe autobatch.demo:DigitsCNN --input-shape 1,8,8 --memory-limit 640KiB --target-batch 32
   autobatch probe autobatch.demo:DigitsCNN --input-shape 1,8,8 --memory-limit 640KiB \\
       --min-batch 8 --no-cache --json                     # a CI gate: exit 3 below micro-batch 8
+  autobatch probe models.py:build --data data.py:train_set --precision bf16 --json
+  autobatch probe mypkg.lm:make_model --seq-len 512 --vocab 32000 --format hf --target-batch 64
+  autobatch probe torchvision.models:resnet18 --input-shape 3,224,224 --num-classes 1000 \\
+      --memory-limit 8GiB --target-batch 256              # needs torchvision
   autobatch demo
   autobatch cache show                                  # cached probe results
-exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fits or below --min-batch
+exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fits or below --min-batch ·
+  130 interrupted (Ctrl-C) · 143 terminated (SIGTERM); with --json, each with its one JSON object
 """
+"""The help's examples; the first runs on a plain install (a test runs it)."""
+
+_DEMO_MEMORY_LIMIT = 640 * 1024
+"""``autobatch demo``'s emulated device: :data:`autobatch.demo.DEMO_MEMORY_LIMIT`, which imports torch."""
+
+_CLI_HELP = {
+    "device": "the device to run on, e.g. cuda, cuda:1, mps or cpu (default: CUDA when available, then MPS, "
+    "else the CPU; the model is moved there)",
+}
+"""Help of option fields whose command-line behaviour differs from the Python API's: ``autobatch probe``
+picks a device where :func:`autobatch.probe` uses the model's."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -67,6 +88,12 @@ def flag_fields(entry: str = "probe") -> list[Field[Any]]:
     return [f for f in entry_fields(entry) if spec_of(f).cli is not None]
 
 
+def flag_size(n: float) -> str:
+    """A byte count as a ``--memory-limit`` value that holds it: :func:`~autobatch.units.format_bytes`
+    rounded up, without its space (one shell word): ``'2.19MiB'``."""
+    return format_bytes(n, up=True).replace(" ", "")
+
+
 def _default_text(f: Field[Any]) -> str:
     if f.name == "cache_dir":  # its help names the rule; here is where that rule points now
         from autobatch.cache import default_cache_dir
@@ -85,7 +112,9 @@ def _add_option(group: Any, f: Field[Any]) -> None:
             cli.flag, dest=f.name, action="store_false", default=None, help=f"do not {spec_of(f).help}"
         )
         return
-    text = (spec_of(f).help + _default_text(f)).replace("%", "%%")  # argparse formats help with %
+    text = _CLI_HELP.get(f.name, spec_of(f).help + _default_text(f)).replace(
+        "%", "%%"
+    )  # argparse formats help with %
     kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
     if cli.choices is not None:
         kwargs["choices"] = cli.choices
@@ -155,7 +184,8 @@ def _probe_parser(sub: Any) -> None:
         "--format",
         default="text",
         choices=["text", *CONFIG_FORMATS],
-        help="print the plan as the batch settings of Hugging Face, Lightning or DeepSpeed (JSON)",
+        help="print the plan for --target-batch as the batch settings of Hugging Face, Lightning or "
+        "DeepSpeed (JSON)",
     )
     output.add_argument("--no-progress", action="store_true", help="no progress spinner on stderr")
     _verbose_option(p)
@@ -172,7 +202,11 @@ def _demo_parser(sub: Any) -> None:
         "--epochs", type=positive_int, default=4, help="passes over the training split (default: 4)"
     )
     d.add_argument("--target-batch", type=positive_int, default=32, help="the effective batch (default: 32)")
-    d.add_argument("--memory-limit", default="640KiB", help="the emulated device's size (default: 640KiB)")
+    d.add_argument(
+        "--memory-limit",
+        default=format_bytes(_DEMO_MEMORY_LIMIT),
+        help=f"the emulated device's size (default: {format_bytes(_DEMO_MEMORY_LIMIT)})",
+    )
     d.add_argument(
         "--seed", type=int, default=0, help="seeds the split, the model and the epoch order (default: 0)"
     )

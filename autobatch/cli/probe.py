@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
 
 from autobatch.cli.io import Streams, console
-from autobatch.cli.parser import flag_fields
+from autobatch.cli.parser import flag_fields, flag_size
+from autobatch.errors import NoBatchFitsError, UsageError, UsageValueError
 from autobatch.planner import Plan, plan, uniform_plan
 
 __all__ = ["probe_payload", "run"]
@@ -26,14 +28,52 @@ def _optimizer(name: str, model: Any) -> Any:
 
 
 def _plans(args: argparse.Namespace, micro: int) -> tuple[Plan | None, dict[str, int] | None]:
-    target = args.target_batch if args.target_batch is not None else micro * args.world_size
-    if args.target_batch is None and args.format == "text":
+    """The plan for ``--target-batch`` and, with ``--format``, the tool's settings for it."""
+    if args.target_batch is None:
         return None, None
-    training = plan(micro, target, args.world_size)
+    training = plan(micro, args.target_batch, args.world_size)
     config = (
-        uniform_plan(micro, target, args.world_size).to_config(args.format) if args.format != "text" else None
+        uniform_plan(micro, args.target_batch, args.world_size).to_config(args.format)
+        if args.format != "text"
+        else None
     )
-    return (training if args.target_batch is not None else None), config
+    return training, config
+
+
+def _check_format(args: argparse.Namespace) -> None:
+    """``--format`` exports gradient accumulation for a target batch: without one it would be a silent 1."""
+    if args.format != "text" and args.target_batch is None:
+        raise UsageValueError(
+            f"--format {args.format} needs --target-batch: the settings split a target batch into "
+            "micro-batches and gradient accumulation steps. Pass the effective batch you train with, "
+            f"e.g. --format {args.format} --target-batch 256."
+        )
+
+
+def _no_fit(exc: NoBatchFitsError, options: dict[str, Any], from_flags: bool) -> NoBatchFitsError:
+    """The no-fit error worded for the command line: what to try as flags (``--memory-limit 2.19MiB``),
+    built from the error's figures, where the Python message says ``memory_limit='2.19 MiB'``."""
+    from autobatch.step import resolve_precision
+
+    what, try_, _ = str(exc).rpartition(" Try ")
+    hints = [
+        f"--memory-limit {flag_size(exc.needed_bytes)} or more"
+        if exc.needed_bytes is not None
+        else "a larger --memory-limit"
+    ]
+    with contextlib.suppress(UsageError):  # a precision the device refuses was reported before the probe
+        if resolve_precision(options.get("precision", "auto"), options["device"]) == "fp32":
+            hints.append("--precision bf16 (or fp16 on CUDA)")
+    hints.append("a smaller model")
+    optimizer = type(options["optimizer"]).__name__
+    if from_flags and optimizer != "SGD":
+        hints.append(f"--optimizer sgd (less state than {optimizer})")
+    elif not from_flags:
+        hints.append("an optimizer with less state (SGD instead of Adam)")
+    message = f"{what if try_ else str(exc)} Try {', '.join(hints)}."
+    return NoBatchFitsError(
+        message, memory_limit=exc.memory_limit, model_state=exc.model_state, needed_bytes=exc.needed_bytes
+    )
 
 
 def _progress(err: Any, enabled: bool) -> tuple[Any, Callable[[Any], None] | None]:
@@ -60,6 +100,7 @@ def _options(args: argparse.Namespace, factory: dict[str, Any], model: Any, devi
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
     """Probe, render the result, and exit 3 when it is below ``--min-batch``."""
+    _check_format(args)  # before torch is imported: a usage error answers at once
     from autobatch.api import probe
     from autobatch.cli.inputs import build_inputs
     from autobatch.session import check_device_available, default_device
@@ -75,12 +116,15 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     )
     model.to(device)
     options = _options(args, factory, model, device)
+    optimizer_from_flags = args.optimizer is not None or "optimizer" not in factory
     err = console(streams.stderr)
     status, on_trial = _progress(err, not args.no_progress)
     if status is not None:
         status.start()
     try:
         result = probe(model, data, on_trial=on_trial, **options)
+    except NoBatchFitsError as exc:
+        raise _no_fit(exc, options, optimizer_from_flags) from None
     finally:
         if status is not None:
             status.stop()
