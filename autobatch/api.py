@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -25,6 +27,7 @@ from autobatch.result import FitResult, ProbeResult
 from autobatch.search import OutOfMemory, Trial
 from autobatch.session import Session, resolve
 from autobatch.step import Stepper
+from autobatch.survival import COLD
 from autobatch.validate import check_positive_int
 
 __all__ = ["fit", "probe", "try_batch"]
@@ -71,8 +74,9 @@ def fit(
     session = resolve(model, data, Options.parse("fit", {"target_batch": target_batch, **options}))
     train = session.options.train
     with session.start():
+        per_rank = train.target_batch // session.world_size
         probed = (
-            _probe(session, cap=train.target_batch // session.world_size)
+            _probe(session, cap=per_rank, chunks=partial(_chunks, per_rank, session.floor))
             if train.micro_batch is None
             else None
         )
@@ -85,7 +89,9 @@ def fit(
         fixed = probed.fixed_bytes if probed is not None else None
         loop = TrainLoop(session, _training_stepper(session), micro, fixed)
         result = FitResult(probe=probed, plan=initial, final_plan=initial)
-        with session.memory.capped():
+        # Training starts cold (the probe left the allocator empty) and its memory carries from step to
+        # step, as a GPU's does: what the probe's replay of training assumed.
+        with session.memory.capped(), session.memory.carried():
             for epoch in range(train.epochs):
                 t0 = time.perf_counter()
                 result.losses += loop.run_epoch(epoch, train.epochs)
@@ -93,6 +99,7 @@ def fit(
                 result.epochs = epoch + 1
                 if session.eval_source is not None:
                     result.evals.append(_evaluate(session, loop, result, epoch))
+                    session.memory.empty_cache()  # evaluation's cached blocks are not training's
     result.final_plan = loop.plan
     result.skipped_steps, result.nonfinite_steps = loop.skipped_steps, loop.nonfinite_steps
     result.backoffs, result.regrowths = loop.backoffs, loop.regrowths
@@ -138,9 +145,24 @@ def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int) 
     return report
 
 
-def _probe(session: Session, cap: int | None = None) -> ProbeResult:
-    """Probe a started session: from the cache when it holds this setup, else by searching."""
-    prober = Prober(session)
+PLANNED_REPEATS = 4
+"""The probe replays and runs a plan's micro-batches of one size at most this many times in a row."""
+
+
+def _chunks(per_rank: int, floor: int, micro: int) -> tuple[int, ...]:
+    """The micro-batches fit's plan cuts one rank's share of a step into, at micro-batch ``micro``: each
+    size at most :data:`PLANNED_REPEATS` times in a row (the allocator's state repeats long before; a step
+    of a million micro-steps is not run to probe it)."""
+    chunks = plan(micro, per_rank, min_chunk=min(floor, per_rank)).chunks
+    return tuple(size for size, count in chunks.sizes() for _ in range(min(count, PLANNED_REPEATS)))
+
+
+def _probe(
+    session: Session, cap: int | None = None, chunks: Callable[[int], Sequence[int]] | None = None
+) -> ProbeResult:
+    """Probe a started session: from the cache when it holds this setup and verification agrees, else
+    by searching (from what verification learned)."""
+    prober = Prober(session, chunks)
     dataset = len(session.source)
     cap = min(cap or dataset, session.options.probe.max_batch or dataset, dataset)
     if session.group is not None:
@@ -148,17 +170,23 @@ def _probe(session: Session, cap: int | None = None) -> ProbeResult:
     with prober.restoring():
         store = ProbeStore.open(prober, cap)  # reads samples: inside the snapshot
         hit = store.lookup() if store is not None else None
-        if hit is not None and store is not None:
-            # Trust, but verify: a stale entry costs one trial, never a wrong answer.
-            if prober.verify(hit.micro_batch):
-                hit = dataclasses.replace(hit, verified=True)
-                logger.info("probe: %s", hit.summary())
-                return hit
-            logger.warning(
-                "probe: the cached micro-batch %d does not fit any more; probing again", hit.micro_batch
-            )
-            store.drop()
-        result = prober.search(cap)
+        hint = hit.max_fitting_batch if hit is not None and hit.max_fitting_batch <= cap else None
+        result = prober.search(cap, hint=hint)
+    if hit is not None and prober.accepted and result.max_fitting_batch == hit.max_fitting_batch:
+        # Trust, but verify: the answer survives, and the memory model its verification recorded
+        # predicts no larger one.
+        verified = dataclasses.replace(
+            hit, verified=True, optimizer_steps=result.optimizer_steps, seconds=result.seconds
+        )
+        logger.info("probe: %s", verified.summary())
+        return verified
+    if hit is not None:
+        logger.warning(
+            "probe: the cached micro-batch %d is %s; probed again: %d",
+            hit.max_fitting_batch,
+            "too large now" if result.max_fitting_batch < hit.max_fitting_batch else "too small now",
+            result.max_fitting_batch,
+        )
     logger.info("probe: %s", result.summary())
     if store is not None:
         store.save(result)
@@ -199,11 +227,18 @@ def probe(model: nn.Module, data: Any, **options: Any) -> ProbeResult:
 
 
 @entry_point("try_batch")
-def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, **options: Any) -> Trial:
-    """Run steady-state training steps at ``batch_size`` and report whether they fitted.
+def try_batch(
+    model: nn.Module, data: Any, batch_size: int, *, steps: int | None = None, **options: Any
+) -> Trial:
+    """Tell whether training at ``batch_size`` survives, as the probe defines it, and its peak.
 
-    Leaves the model untouched as :func:`probe` does. Useful to check a batch size in CI, or to verify a
-    probe exhaustively.
+    Training survives when it runs from a cold start (weights only: the first step makes the gradients and
+    the optimizer state among the activations) and from steady state, over consecutive steps with the
+    allocator's cache carried from each to the next, until the allocator's state repeats
+    (:mod:`autobatch.survival`): the first two steps from a cold start run for real, the rest are
+    replayed from their exact timeline and the step with the least room runs for real too. The probe's
+    answer is the largest batch for which this holds. Leaves the model untouched as :func:`probe` does.
+    Useful to check a batch size in CI, or to verify a probe exhaustively.
 
     Args:
         model: the model, on the device to test.
@@ -211,8 +246,8 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
             differ in size, a padded batch of that size (the largest but one, with the smallest) must fit
             too, as in the probe.
         batch_size: the batch to try.
-        steps: optimizer steps to run at ``batch_size`` after the warm-up; the trial fits only if all of
-            them do, and its peak is the highest of them.
+        steps: also run this many consecutive steps from a cold start for real (beyond the two that
+            always run); the trial fits only if all of them do, and its peak is the highest of them.
 
     Example:
         >>> import torch
@@ -222,35 +257,38 @@ def try_batch(model: nn.Module, data: Any, batch_size: int, *, steps: int = 1, *
         True
     """
     check_positive_int(batch_size, "batch_size")
-    check_positive_int(steps, "steps")
+    if steps is not None:
+        check_positive_int(steps, "steps")
     session = resolve(model, data, Options.parse("try_batch", options))
     if batch_size > len(session.source):
         raise UsageValueError(
             f"Expected `batch_size` to be at most the dataset size {len(session.source)}, "
             f"but got {batch_size}."
         )
+    started = time.perf_counter()
     with session.start():
         prober = Prober(session)
-        started = time.perf_counter()
-        peaks = []
-        with prober.restoring(), prober.warm() as warm:
-            if not warm:
-                return Trial(batch_size, False, None, time.perf_counter() - started)
-            started = time.perf_counter()
+        with prober.restoring():
             try:
-                peaks = [prober.fits(batch_size) for _ in range(steps)]
+                verdict = prober.survives(batch_size)
+                peaks = [verdict.peaks]
+                if steps is not None and steps > 2:  # more consecutive steps from a cold start, for real
+                    with prober.memory.capped():
+                        peaks.append(prober.trials.run_for_real(batch_size, "longest", COLD, steps))
             except OutOfMemory:
                 return Trial(batch_size, False, None, time.perf_counter() - started)
+    survival = verdict.survival
+    replayed = survival.peak if survival is not None and prober.memory.emulated else None
 
-    def highest(values: list[int | None]) -> int | None:
+    def highest(*values: int | None) -> int | None:
         known = [v for v in values if v is not None]
         return max(known) if known else None
 
     return Trial(
         batch_size,
         True,
-        highest([p.step_bytes for p in peaks]),
+        highest(*(p.step_bytes for p in peaks), replayed),
         time.perf_counter() - started,
-        highest([p.backward_bytes for p in peaks]),
-        highest([p.reserved_bytes for p in peaks]),
+        highest(*(p.backward_bytes for p in peaks)),
+        highest(*(p.reserved_bytes for p in peaks), replayed if prober.memory.counts_reserved else None),
     )

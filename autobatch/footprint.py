@@ -7,6 +7,7 @@ never completed, so Adam's moments were never made) it is estimated from the opt
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,12 @@ from torch import nn
 from autobatch.memory import tensor_bytes
 from autobatch.units import format_bytes
 
-__all__ = ["ModelState", "model_state"]
+__all__ = ["ModelState", "kept_tensors", "model_state"]
+
+KEPT_SCAN_BUDGET = 20_000
+"""Objects :func:`kept_tensors` visits at most: a bound on what a model's attributes reach."""
+_KEPT_DEPTH = 6
+_MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
 
 # Optimizer state per trainable parameter, in parameter-sized tensors, for the state torch's optimizers keep.
 _STATE_PER_PARAMETER = {
@@ -78,3 +84,44 @@ def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> ModelStat
     if estimate == 0 or all(optimizer.state.get(p) for p in trainable_params):
         return ModelState(weights, trainable, tensor_bytes(held), estimated=False)
     return ModelState(weights, trainable, estimate, estimated=True)
+
+
+def kept_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors the model's modules keep outside their parameters and buffers: a scratch tensor or a cache
+    in a plain attribute, past activations in a list, a tensor inside an object a module holds.
+
+    On a GPU every tensor on the device takes memory however it is referenced; an emulated device counts
+    these from the start. The walk follows lists, tuples, dicts, sets and plain objects' attributes, at
+    most :data:`KEPT_SCAN_BUDGET` objects deep and wide; functions, classes and modules end it.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> layer.scratch = [torch.zeros(3)]
+        >>> [tuple(t.shape) for t in kept_tensors(layer)]
+        [(3,)]
+    """
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[tuple[object, int]] = []
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in _MODULE_SLOTS:
+                stack.append((value, 0))
+    while stack and len(seen) < KEPT_SCAN_BUDGET:
+        value, depth = stack.pop()
+        if id(value) in seen or value is None or isinstance(value, (bool, int, float, str, bytes)):
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if not isinstance(value, nn.Parameter):
+                found.setdefault(id(value), value)
+            continue
+        if depth >= _KEPT_DEPTH or isinstance(value, (nn.Module, type)) or callable(value):
+            continue
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in list(value.values()))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in list(value))
+        elif hasattr(value, "__dict__") and not isinstance(value, types.ModuleType):
+            stack.extend((v, depth + 1) for v in list(vars(value).values()))
+    return list(found.values())

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +32,16 @@ from typing import Any
 import torch
 
 from autobatch._tree import map_tensors
+from autobatch.alloc_conf import AllocatorConfig, parse_alloc_conf
 from autobatch.emulate import EmulatedDevice
-from autobatch.errors import UsageTypeError
+from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.units import format_bytes, parse_memory_limit
 
 __all__ = [
+    "ALLOC_CONF_VARIABLES",
     "DeviceMemory",
     "Measurement",
+    "allocator_config",
     "default_cpu_limit",
     "memory_limit_scope",
     "resolve_memory_limit",
@@ -84,6 +87,44 @@ def resolve_memory_limit(value: int | str | None) -> int | None:
     """``value`` in bytes; ``None`` means the enclosing :func:`memory_limit_scope`'s limit, if any."""
     nbytes = parse_memory_limit(value)
     return _SCOPED_LIMIT.get() if nbytes is None else nbytes
+
+
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+"""Where PyTorch reads its caching allocator's settings (the first set wins; the second is the older name)."""
+
+
+def allocator_config() -> AllocatorConfig:
+    """The caching allocator's configuration this process runs with (``PYTORCH_CUDA_ALLOC_CONF``), which
+    the emulated allocator follows too.
+
+    Raises:
+        UsageValueError: the variable's text is malformed.
+    """
+    for name in ALLOC_CONF_VARIABLES:
+        text = os.environ.get(name)
+        if text:
+            try:
+                return parse_alloc_conf(text)
+            except ValueError as exc:
+                raise UsageValueError(f"${name} is not a valid allocator configuration: {exc}") from None
+    return AllocatorConfig()
+
+
+def _adoptable(
+    prefix: Sequence[Sequence[Any]], resident: Sequence[torch.Tensor], adopt: Sequence[torch.Tensor]
+) -> bool:
+    """Whether the blocks ``prefix`` leaves allocated match, size for size, the storages of ``adopt`` that
+    ``resident`` does not hold (what :meth:`EmulatedDevice.adopt` will find)."""
+    left: dict[Any, int] = {}
+    for event in prefix:
+        if event[0] == "alloc":
+            left[event[1]] = int(event[2])
+        elif event[0] == "free":
+            left.pop(event[1], None)
+    placed = {t.untyped_storage()._cdata for t in resident}
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in adopt}
+    wanted = sorted(n for key, n in storages.items() if key not in placed)
+    return wanted == sorted(left.values())
 
 
 def default_cpu_limit() -> int:
@@ -144,6 +185,10 @@ class DeviceMemory:
             or (emulation == "auto" and limit is not None and limit >= ALLOCATOR_FROM)
         )
         self.guard = False  # the limit is a guard the probe chose, not the user's
+        self.alloc_config = allocator_config()
+        self._carried: EmulatedDevice | None = None  # the emulated device whose state carries, if any
+        self._pending: tuple[list[torch.Tensor], Sequence[Sequence[Any]], list[torch.Tensor]] | None = None
+        self._active: EmulatedDevice | None = None  # the device of the region being measured
 
     def guarded(self) -> DeviceMemory:
         """This memory for a probe: without a limit, a host-memory device gets half the available RAM
@@ -202,6 +247,79 @@ class DeviceMemory:
         finally:
             torch.cuda.set_per_process_memory_fraction(previous, index)
 
+    def _device(
+        self, limit: int | str | None = "limit", resident: Iterable[torch.Tensor] = (), *, trace: bool = False
+    ) -> EmulatedDevice:
+        """A fresh emulated device of this memory (its limit, unless another is given)."""
+        return EmulatedDevice(
+            self.limit if limit == "limit" else limit,  # type: ignore[arg-type]
+            resident,
+            device=self.device,
+            allocator=self.allocator,
+            trace=trace,
+            config=self.alloc_config,
+        )
+
+    @contextlib.contextmanager
+    def carried(
+        self,
+        resident: Iterable[torch.Tensor] = (),
+        *,
+        prefix: Sequence[Sequence[Any]] = (),
+        adopt: Iterable[torch.Tensor] = (),
+    ) -> Iterator[bool]:
+        """Inside the block, every measured region runs on one emulated device whose allocator carries from
+        region to region, as a process's memory does from one training step to the next.
+
+        The device starts cold: ``resident`` placed first, packed (as after ``model.to(device)``); then the
+        synthetic ``prefix`` (earlier training steps replayed: :meth:`EmulatedDevice.replay`) and the
+        ``adopt`` tensors taking over the blocks the prefix left (:meth:`EmulatedDevice.adopt`). Yields
+        whether they match one to one (``False``: the prefix does not describe those tensors, and the
+        device will hold only ``resident``). It is made when the first region is entered, so that running
+        out of memory while placing them is that region's out-of-memory. Where nothing is emulated (CUDA:
+        the real allocator carries anyway, and cannot be set to a replayed state) it yields ``not prefix``.
+        """
+        if not self.emulated:
+            yield not prefix
+            return
+        resident, adopt = list(resident), list(adopt)
+        matched = not prefix or _adoptable(prefix, resident, adopt)
+        saved = self._carried, self._pending
+        self._carried, self._pending = None, (resident, prefix if matched else (), adopt if matched else [])
+        try:
+            yield matched
+        finally:
+            self._carried, self._pending = saved
+
+    @property
+    def carries(self) -> bool:
+        """Whether measured regions now share one emulated device (inside :meth:`carried`)."""
+        return self._carried is not None or self._pending is not None
+
+    def _carried_device(self) -> EmulatedDevice | None:
+        """The carried device, made (and set up) on first use."""
+        if self._carried is None and self._pending is not None:
+            resident, prefix, adopt = self._pending
+            device = self._device()
+            device.register(resident)
+            if prefix:
+                device.replay(prefix)
+                device.adopt(adopt)
+            self._carried, self._pending = device, None
+        return self._carried
+
+    def empty_cache(self) -> None:
+        """Release the cached, entirely free segments: the carried device's, or CUDA's."""
+        if self._carried is not None and self._carried.allocator is not None:
+            self._carried.allocator.empty_cache()
+        elif self.is_cuda and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def mark(self, label: str) -> None:
+        """Mark a phase of the training step in the trace of the region being measured, if any."""
+        if self._active is not None:
+            self._active.mark(label)
+
     @contextlib.contextmanager
     def measure(
         self,
@@ -213,17 +331,22 @@ class DeviceMemory:
 
         Args:
             resident: the tensors already on the device, which count from the start (or a function that
-                lists them, called only where they are counted or traced).
+                lists them, called only where they are counted or traced). On a carried device only those
+                it does not count yet are placed.
             trace: record the block's allocations and frees (:attr:`Measurement.trace`): on an emulated
                 device its own, on CUDA an observer's (which never raises).
         """
         result = Measurement()
-        if self.emulated or (trace and self.device.type != "cpu"):
+        device: EmulatedDevice | None = None
+        if self.carries:
+            device = self._carried_device()
+            assert device is not None
+            device.enter_with(resident() if callable(resident) else resident)
+            device.tracing = trace
+        elif self.emulated or (trace and self.device.type != "cpu"):
             tensors = resident() if callable(resident) else resident
             limit = self.limit if self.emulated else None
-            device = EmulatedDevice(limit, tensors, device=self.device, allocator=self.allocator, trace=trace)
-        else:
-            device = None
+            device = self._device(limit, tensors, trace=trace)
         with contextlib.ExitStack() as stack:
             if self.is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -233,6 +356,8 @@ class DeviceMemory:
             if device is not None:
                 stack.callback(self._emulated_peaks, result, device)
                 stack.enter_context(device)
+                saved, self._active = self._active, device
+                stack.callback(setattr, self, "_active", saved)
                 if self.emulated:
                     result.resident_bytes = device.resident_bytes
                     result._peak_now = lambda: device.peak_reserved_bytes
@@ -246,7 +371,7 @@ class DeviceMemory:
         if self.emulated:
             result.peak_bytes = device.peak_reserved_bytes
             result.reserved_bytes = device.peak_reserved_bytes if self.allocator else None
-        if device.trace is not None:
+        if device.tracing and device.trace is not None:
             result.trace = (tuple(device.resident_sizes), tuple(device.trace))
 
     def transfer(self, batch: Any) -> Any:

@@ -68,7 +68,7 @@ class Chunks(Sequence[int]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Chunks):
-            return (self.n, self.base, self.extra) == (other.count, other.base, other.extra)
+            return (self.n, self.base, self.extra) == (other.n, other.base, other.extra)
         if isinstance(other, (tuple, list)):
             return len(other) == self.n and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented

@@ -1,11 +1,14 @@
-"""The probe: run the real training step at growing batch sizes and find the largest that fits.
+"""The probe: find the largest micro-batch whose training survives, from a few real training steps.
 
 Every trial is one optimizer step of :func:`~autobatch.transaction.run_step` (the step the training loop
-runs) on the worst-case batch of that size, at steady state: a warm-up step first creates the optimizer
-state, so that Adam's moments already take their memory while a trial is measured. The search itself is the
-pure :func:`~autobatch.search.search`. Whatever happens, everything the steps change is restored bit for
-bit (:mod:`autobatch.state`) before the probe returns or raises; reading samples for the cache key happens
-inside that snapshot too.
+runs) on the worst-case batch of that size (:mod:`autobatch.trials`). Two small traced steps — the first
+step from a cold start, and a step at steady state — give the timelines of a
+:class:`~autobatch.survival.StepModel`, whose replay over consecutive steps (:mod:`autobatch.survival`)
+predicts the largest batch that survives training; the batch and the one above it are then tested, each by
+the one step of its training run that the replay says decides it, run for real where the replay of the
+steps before it leaves the allocator. The search itself is the pure :func:`~autobatch.search.search`.
+Whatever happens, everything the steps change is restored bit for bit (:mod:`autobatch.state`) before the
+probe returns or raises; reading samples for the cache key happens inside that snapshot too.
 """
 
 from __future__ import annotations
@@ -15,22 +18,23 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
+from autobatch.alloc_conf import AllocatorConfig
 from autobatch.errors import NoBatchFitsError
 from autobatch.footprint import ModelState, model_state
 from autobatch.oom import frozen_heap, release_memory
 from autobatch.result import ProbeResult
-from autobatch.search import OutOfMemory, Peaks, Predictor, SearchOutcome, run_trial, search
+from autobatch.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
 from autobatch.session import Session
 from autobatch.state import snapshot
 from autobatch.step import Stepper
-from autobatch.timeline import MemoryTimeline, Timeline, best_fit
-from autobatch.transaction import run_step
+from autobatch.survival import SurvivalPredictor
+from autobatch.trials import Trials, Verdict
 from autobatch.units import format_bytes
 
 __all__ = ["Prober", "apply_margin"]
@@ -58,9 +62,15 @@ class Prober:
     It steps with a GradScaler of its own whose scale starts at 1 (a first step skipped for inf gradients
     would not create the optimizer state that steady state needs), measures every step, NaN losses
     included, and runs on the session's memory guarded for probing (:meth:`DeviceMemory.guarded`).
+
+    Args:
+        session: the started session.
+        chunks: the micro-batches a plan cuts a micro-batch into (``fit`` knows its target): training
+            at a micro-batch survives when the steps of that plan do. ``None``: two micro-steps of it (one
+            without ``accumulate``).
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, chunks: Callable[[int], Sequence[int]] | None = None) -> None:
         self.session = session
         self.memory = session.memory.guarded()
         step = session.options.step
@@ -83,57 +93,28 @@ class Prober:
             skip_nonfinite=False,
         )
         self.floor = session.floor
-        self.steps = 0
-        self.samples = 0  # samples of training work, the warm-up included
-        self.timelines: dict[str, dict[int, Timeline]] = {"longest": {}, "mixed": {}}
-        self._warm = False
         capacity = self.memory.capacity
         if session.group is not None and capacity is not None:
             # Ranks with different limits must still search alike: all predict from the smallest.
             capacity = int(session.group.min([capacity])[0])
         self.capacity = capacity
+        self.trials = Trials(self, chunks)
+        self.accepted = False  # the search ended by accepting its hint (a cached answer) as the maximum
+        self._predictor: SurvivalPredictor | None = None
 
-    def trial(self, batch_size: int, case: str = "longest") -> Peaks:
-        """One optimizer step on the worst-case batch; raises :class:`OutOfMemory` when it does not fit.
+    @property
+    def steps(self) -> int:
+        """Optimizer steps run so far."""
+        return self.trials.steps
 
-        ``case`` is ``"longest"`` (the ``batch_size`` largest samples) or ``"mixed"`` (the largest but one
-        and the smallest, padded together: :meth:`~autobatch.data.DataSource.mixed_case`).
-        """
-        probe = self.session.options.probe
-        source = self.session.source
-        if case == "mixed":
-            batch = source.mixed_case(batch_size, probe.size_fn)
-        else:
-            batch = source.worst_case(batch_size, probe.size_fn)
-        # A micro-step after the first adds onto existing gradients: measure that one too.
-        weights = (0.5, 0.5) if probe.accumulate else (1.0,)
-        outcome = run_step(
-            self.stepper, lambda: [(batch, w) for w in weights], group=self.session.group, trace=True
-        )
-        self.steps += 1
-        self.samples += batch_size
-        if not outcome.fitted:
-            raise OutOfMemory
-        if outcome.trace is not None and self._warm:  # the warm-up's own allocations differ: state is made
-            self.timelines[case][batch_size] = Timeline(batch_size, *outcome.trace)
-        logger.debug("probe: %s batch %d fits, peak %s", case, batch_size, outcome.step_peak)
-        return Peaks(outcome.step_peak, outcome.backward_peak, outcome.step_reserved)
+    @property
+    def samples(self) -> int:
+        """Samples of training work so far."""
+        return self.trials.samples
 
     def padded(self, batch_size: int) -> bool:
         """Whether a batch of ``batch_size`` has a mixed case other than its longest one."""
         return self.session.source.mixed_indices(batch_size, self.session.options.probe.size_fn) is not None
-
-    def fits(self, batch_size: int) -> Peaks:
-        """Both cases of ``batch_size`` (the mixed one where there is one); raises OutOfMemory."""
-        peaks = self.trial(batch_size)
-        if self.padded(batch_size):
-            mixed = self.trial(batch_size, "mixed")
-            peaks = Peaks(
-                _highest(peaks.step_bytes, mixed.step_bytes),
-                _highest(peaks.backward_bytes, mixed.backward_bytes),
-                _highest(peaks.reserved_bytes, mixed.reserved_bytes),
-            )
-        return peaks
 
     @contextlib.contextmanager
     def restoring(self) -> Iterator[None]:
@@ -148,77 +129,76 @@ class Prober:
                 release_memory(self.session.model, self.optimizer)
                 snap.restore()
 
-    @contextlib.contextmanager
-    def warm(self) -> Iterator[bool]:
-        """Cap memory and run the warm-up step that creates the optimizer state; yields whether it fitted."""
-        self.session.model.train()
-        with self.memory.capped():
-            try:
-                self.trial(self.floor)
-            except OutOfMemory:
-                yield False
-            else:
-                self._warm = True
-                try:
-                    yield True
-                finally:
-                    self._warm = False
-
     strategy = "timeline"
     """``"timeline"``: predict from the trials' memory timelines; ``"bisect"``: the search without them,
     from batch ``floor`` (what autobatch did before; the probe benchmark compares the two)."""
 
+    # -- verdicts -----------------------------------------------------------------------------------
     def predictor(self, case: str = "longest") -> Predictor | None:
-        """The memory model of the trials so far, the same on every rank (``None`` while there is none).
+        """The survival model of the traces so far, the same on every rank (``None`` while there is none).
 
         The longest and the mixed case each have their own: a padded batch may take other paths.
         """
-        model = best_fit(list(self.timelines[case].values()))
+        model = self.trials.model(case)
         group = self.session.group
         if group is not None and int(group.min([0.0 if model is None else 1.0])[0]) == 0:
             return None  # every rank predicts, or none does: the searches stay in lockstep
         if model is None:
             return None
-        return _Agreed(model, self.memory.counts_reserved, group)
+        if self._predictor is None or self._predictor.model is not model:  # its replays are remembered
+            self._predictor = SurvivalPredictor(
+                model,
+                allocator=self.memory.counts_reserved,
+                chunks=self.trials.chunks,
+                config=self.memory.alloc_config,
+            )
+        return _Agreed(self._predictor, group)
 
-    def verify(self, micro_batch: int) -> bool:
-        """Whether ``micro_batch`` fits one steady-state step now: a cached answer is never used untested."""
-        with self.warm() as warm:
-            if not warm:
-                return False
-            try:
-                self.fits(micro_batch)
-            except OutOfMemory:
-                return False
-        return True
+    def verdict(self, batch_size: int, case: str = "longest") -> Peaks:
+        """Whether training at ``batch_size`` survives (raises :class:`OutOfMemory` when it does not): by
+        the survival model where it has one fitted on two batches, else from this batch's own steps."""
+        return self._verdict(batch_size, case).peaks
 
-    def search(self, cap: int) -> ProbeResult:
-        """The search up to ``cap``, from a warm state; raises NoBatchFitsError when nothing fits.
+    def _verdict(self, batch_size: int, case: str) -> Verdict:
+        self.session.model.train()
+        model = self.trials.model(case)
+        line = model is not None and model.micro.points[0] != model.micro.points[1]
+        group = self.session.group
+        if group is not None:
+            line = bool(group.min([1.0 if line else 0.0])[0])
+        if line and model is not None:
+            return self.trials.verdict(batch_size, case, model)
+        return self.trials.at(batch_size, case)
+
+    def survives(self, batch_size: int) -> Verdict:
+        """Whether training at ``batch_size`` survives, on both cases (the mixed one where there is one),
+        from this batch's own steps: what ``try_batch`` and the cache's verification ask."""
+        with self.memory.capped():
+            self.session.model.train()
+            verdict = self.trials.exact(batch_size)
+            if self.padded(batch_size):
+                mixed = self.trials.exact(batch_size, "mixed")
+                verdict = dataclasses.replace(verdict, peaks=_highest_peaks(verdict.peaks, mixed.peaks))
+        return verdict
+
+    # -- the search ---------------------------------------------------------------------------------
+    def search(self, cap: int, hint: int | None = None) -> ProbeResult:
+        """The search up to ``cap``; raises NoBatchFitsError when nothing fits.
 
         The search runs on batches of the largest samples. Where the data's samples differ in size, its
-        answer is then confirmed on the mixed case of that size (one step); when that does not fit, a
-        second search on mixed batches, below it, finds the size to take.
+        answer is then confirmed on the mixed case of that size; when that does not fit, a second search
+        on mixed batches, below it, finds the size to take. ``hint`` (a cached answer) is the batch the
+        second traced step runs at, so that a right hint costs two steps and one verdict.
         """
         started = time.perf_counter()
-        timeline = self.strategy == "timeline"
-        with self.warm() as warm:
-            outcome = mixed = None
-            if warm:
-                outcome = search(
-                    self.trial,
-                    cap=cap,
-                    limit=self.capacity,
-                    on_trial=self.session.options.probe.on_trial,
-                    # From 2: a batch of one often takes other code paths (a matrix-vector product, a
-                    # broadcast), whose timeline would not line up with the next batch's.
-                    start=min(max(2, self.floor), cap) if timeline else self.floor,
-                    floor=self.floor,
-                    predictor=self.predictor if timeline else None,
-                )
-                if outcome.best > 0 and self.padded(outcome.best):
-                    mixed = self.search_mixed(outcome.best, timeline)
+        with self.memory.capped():
+            self.session.model.train()
+            outcome = self._search_case("longest", cap, hint)
+            mixed = None
+            if outcome.best > 0 and self.padded(outcome.best):
+                mixed = self._confirm_mixed(outcome.best)
             state = model_state(self.session.model, self.optimizer)
-        if outcome is None or outcome.best == 0 or (mixed is not None and mixed.best == 0):
+        if outcome.best == 0 or (mixed is not None and mixed.best == 0):
             raise self.nothing_fits()
         trials = outcome.trials
         if mixed is not None:
@@ -228,28 +208,107 @@ class Prober:
         outcome.trials = trials
         return self.result(outcome, state, cap, started)
 
-    def search_mixed(self, best: int, timeline: bool) -> SearchOutcome:
-        """Confirm ``best`` on its mixed case; where that does not fit, search the mixed case below it,
-        from the smallest batches up, as the first search (its own timelines predict its maximum)."""
+    def _confirm_mixed(self, best: int) -> SearchOutcome:
+        """Confirm ``best`` on its mixed case: its steady step traced, then the replay's decisive step (one
+        step, or two); where it does not survive, search the mixed case below it."""
         on_trial = self.session.options.probe.on_trial
-        mixed = partial(self.trial, case="mixed")
-        confirm = run_trial(mixed, best, clock=time.perf_counter, on_trial=on_trial, case="mixed")
+        confirm = run_trial(
+            partial(self.verdict, case="mixed"),
+            best,
+            clock=time.perf_counter,
+            on_trial=on_trial,
+            case="mixed",
+        )
         if confirm.fitted:
             return SearchOutcome(best, None, [confirm])
         if best - 1 < self.floor:
             return SearchOutcome(0, best, [confirm])
-        below = search(
-            mixed,
-            cap=best - 1,
-            limit=self.capacity,
-            on_trial=on_trial,
-            start=min(max(2, self.floor), best - 1) if timeline else self.floor,
-            floor=self.floor,
-            predictor=(lambda: self.predictor("mixed")) if timeline else None,
-            case="mixed",
-        )
+        below = self._search_case("mixed", best - 1)
         first_failure = best if below.first_failure is None else below.first_failure
         return SearchOutcome(below.best, first_failure, [confirm, *below.trials], below.model)
+
+    def _search_case(self, case: str, cap: int, hint: int | None = None) -> SearchOutcome:
+        """The largest batch in ``[floor, cap]`` whose training survives, on one case.
+
+        The longest case traces a cold step at the smallest batch (2, or the floor) and a steady one at
+        the batch above it (or at ``hint``); the mixed case traces two steady steps (a cold step's
+        optimizer step is the same whatever the batch). Where the model they make exists, the search
+        starts at its prediction; where a traced step runs out of memory, or no model lines up, it runs
+        on this batch's own steps, from the floor.
+        """
+        on_trial = self.session.options.probe.on_trial
+        run = partial(run_trial, clock=time.perf_counter, on_trial=on_trial, case=case)
+        timeline = self.strategy == "timeline"
+        first = min(max(2, self.floor), cap)
+        hint = hint if hint is not None and first < hint <= cap else None
+        traced: list[Trial] = []
+        if timeline:
+            trace_first = self.trials.trace_cold if case == "longest" else self.trials.warm
+            role = "cold" if case == "longest" else "steady"
+            traced.append(run(partial(trace_first, case=case), first, role=role))
+            for second in (hint, first + 1):  # the hint, or the batch after the first where it failed
+                if second is not None and traced[-1].fitted and second <= cap:
+                    traced.append(run(partial(self.trials.warm, case=case), second, role="steady"))
+                    if traced[-1].fitted:
+                        break
+        failed = [t.batch for t in traced if not t.fitted]
+        upper = min([cap, *(b - 1 for b in failed)])
+        if upper < self.floor:
+            return SearchOutcome(0, min(failed), traced)
+        predictor = self.predictor(case) if timeline else None
+        start, expected = self.floor, None
+        if predictor is not None and self.capacity is not None:
+            start = max(self.floor, min(upper, predictor.max_batch(self.capacity, lo=self.floor, hi=upper)))
+            expected = True
+        if hint is not None and start == hint:  # the cached answer is the model's: one verdict settles it
+            trial = run(partial(self.verdict, case=case), hint)
+            traced.append(trial)
+            if trial.fitted:
+                self.accepted = True
+                return SearchOutcome(hint, hint + 1 if hint < cap else None, traced)
+            upper = hint - 1
+            start = self.floor if upper < self.floor else start
+        outcome = search(
+            partial(self.verdict, case=case),
+            cap=upper,
+            limit=self.capacity,
+            start=min(start, upper),
+            on_trial=on_trial,
+            floor=self.floor,
+            predictor=partial(self.predictor, case) if timeline else None,
+            case=case,
+            start_expected=expected if start <= upper else None,
+        )
+        if outcome.first_failure is None and failed:
+            outcome.first_failure = min(failed)
+        outcome.trials = traced + outcome.trials
+        return outcome
+
+    def survival_facts(self, case: str, best: int, cap: int) -> dict[str, Any]:
+        """What the answer holds for over consecutive steps (:class:`ProbeResult`'s survival fields)."""
+        model = self.trials.model(case)
+        if model is None or self.capacity is None or best < self.floor:
+            return {}
+        config = self.memory.alloc_config
+        reserved = self.memory.counts_reserved
+        predictor = SurvivalPredictor(model, allocator=reserved, chunks=self.trials.chunks, config=config)
+        survival = predictor.survival(best, self.capacity)
+        fixed = list(survival.fixed_point.values())
+        facts: dict[str, Any] = {
+            "fixed_point_steps": None if not fixed or None in fixed else max(fixed),  # type: ignore[type-var]
+            "decided_by": survival.binding.describe() if survival.binding is not None else None,
+            "single_step_batch": predictor.single_step_max(self.capacity, lo=self.floor, hi=cap) or None,
+        }
+        if reserved:
+            described = config.alloc_conf or "default"
+            if config.unmodelled:
+                described += f" (not modelled: {', '.join(config.unmodelled)})"
+            facts["alloc_conf"] = described
+            if not config.expandable_segments:
+                expandable = AllocatorConfig(expandable_segments=True)
+                other = SurvivalPredictor(model, allocator=True, chunks=self.trials.chunks, config=expandable)
+                facts["expandable_batch"] = other.max_batch(self.capacity, lo=self.floor, hi=cap) or None
+        return facts
 
     def result(self, outcome: SearchOutcome, state: ModelState, cap: int, started: float) -> ProbeResult:
         session, probe = self.session, self.session.options.probe
@@ -283,6 +342,7 @@ class Prober:
             ooms=sum(not t.fitted for t in outcome.trials),
             margin=probe.margin,
             multiple_of=probe.multiple_of,
+            **self.survival_facts(outcome.trials[-1].case if outcome.trials else "longest", best, cap),
             seconds=time.perf_counter() - started,
         )
 
@@ -323,7 +383,7 @@ class Prober:
         )
 
     def needed_at_floor(self) -> int | None:
-        """The peak of a steady-state step of the floor batch on this device without the limit (the
+        """The most memory training at the floor batch takes on this device without the limit (the
         smallest limit that would do), or ``None`` where there is no roomier memory to measure on."""
         roomy = self.memory.roomy()
         group = self.session.group
@@ -331,33 +391,44 @@ class Prober:
             return None  # every rank measures, or none does
         if roomy is None:
             return None
-        memory, self.stepper.memory = self.stepper.memory, roomy
+        saved = self.stepper.memory, self.trials.memory, self.capacity
+        self.stepper.memory = self.trials.memory = roomy
+        self.capacity = None
         try:
             with roomy.capped():
-                self.trial(self.floor)  # the warm-up: it makes the optimizer state
-                peaks = self.fits(self.floor)
+                verdict = self.trials.exact(self.floor)
         except OutOfMemory:
             return None
         finally:
-            self.stepper.memory = memory
-        peak = peaks.reserved_bytes if roomy.counts_reserved else peaks.step_bytes
-        return peak
+            self.stepper.memory, self.trials.memory, self.capacity = saved
+        if verdict.survival is not None:
+            return verdict.survival.peak
+        peaks = verdict.peaks
+        return peaks.reserved_bytes if roomy.counts_reserved else peaks.step_bytes
 
 
 def _highest(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-class _Agreed:
-    """A rank's timeline model, its answers agreed across ranks (the smallest maximum, the largest peak)."""
+def _highest_peaks(a: Peaks, b: Peaks) -> Peaks:
+    return Peaks(
+        _highest(a.step_bytes, b.step_bytes),
+        _highest(a.backward_bytes, b.backward_bytes),
+        _highest(a.reserved_bytes, b.reserved_bytes),
+    )
 
-    def __init__(self, model: MemoryTimeline, reserved: bool, group: Any) -> None:
-        self.model, self.reserved, self.group = model, reserved, group
+
+class _Agreed:
+    """A rank's survival model, its answers agreed across ranks (the smallest maximum, the largest peak)."""
+
+    def __init__(self, model: SurvivalPredictor, group: Any) -> None:
+        self.model, self.group = model, group
 
     def max_batch(self, limit: int, *, lo: int, hi: int) -> int:
-        best = self.model.max_batch(limit, lo=lo, hi=hi, allocator=self.reserved)
+        best = self.model.max_batch(limit, lo=lo, hi=hi)
         return best if self.group is None else int(self.group.min([best])[0])
 
     def peak(self, batch: int) -> int:
-        peak = self.model.peak(batch, allocator=self.reserved)
+        peak = self.model.peak(batch)
         return peak if self.group is None else int(self.group.max([peak])[0])

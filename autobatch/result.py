@@ -45,8 +45,21 @@ class ProbeResult:
         multiple_of: the rounding applied.
         seconds: wall time of the probe.
         cached: whether the result came from the on-disk probe cache instead of a probe run.
-        verified: a cached result whose micro-batch fitted one steady-state training step in this call
-            (a cached micro-batch is never used untested).
+        verified: a cached result that this call confirmed: its micro-batch survives training, and the
+            memory model its verification recorded predicts no larger one (a cached micro-batch is never
+            used untested).
+        single_step_batch: the largest batch whose one step fits from steady state, packed: what a probe
+            of single steps answers (``None`` where no memory model was made). Training can need less.
+        fixed_point_steps: consecutive steps after which the allocator's state repeats at the answer (the
+            most over a cold start and steady state; ``None``: none within the replay, memory changing
+            from step to step).
+        decided_by: the step of a training run that has the least room at the answer, e.g.
+            ``"step 2 from a cold start"``.
+        alloc_conf: the caching allocator's configuration the answer holds for (``PYTORCH_CUDA_ALLOC_CONF``:
+            ``"default"``, ``"expandable_segments:True"``, ...); ``None`` where the limit caps live bytes.
+        expandable_batch: the largest micro-batch that would survive with
+            ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``None`` when it is on already, or where
+            the limit caps live bytes).
     """
 
     micro_batch: int
@@ -71,6 +84,11 @@ class ProbeResult:
     seconds: float = 0.0
     cached: bool = False
     verified: bool = False
+    single_step_batch: int | None = None
+    fixed_point_steps: int | None = None
+    decided_by: str | None = None
+    alloc_conf: str | None = None
+    expandable_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (trials as dicts)."""
@@ -139,6 +157,31 @@ class ProbeResult:
             f"optimizer state {state})"
         )
 
+    def survival_notes(self) -> list[str]:
+        """What the answer holds for over consecutive training steps, and what would buy more."""
+        notes = []
+        if self.decided_by is not None:
+            fixed = (
+                f"the allocator's state repeats after {self.fixed_point_steps} step"
+                + ("s" if self.fixed_point_steps != 1 else "")
+                if self.fixed_point_steps is not None
+                else "memory changes from step to step (no fixed point)"
+            )
+            single = ""
+            if self.single_step_batch is not None and self.single_step_batch != self.max_fitting_batch:
+                single = f"; one step alone fits {self.single_step_batch}"
+            notes.append(f"survives training: decided by {self.decided_by}; {fixed}{single}")
+        if self.alloc_conf is not None:
+            notes.append(f"allocator: {self.alloc_conf}")
+        best = self.max_fitting_batch
+        if self.expandable_batch is not None and self.expandable_batch > best:
+            gain = (self.expandable_batch - best) / best
+            notes.append(
+                f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would train at micro-batch "
+                f"{self.expandable_batch} (+{gain:.0%})"
+            )
+        return notes
+
     def _cached_note(self) -> str:
         return " (from the probe cache, verified)" if self.verified else " (from the probe cache)"
 
@@ -156,8 +199,11 @@ class ProbeResult:
         table.add_column("peak", justify="right")
         table.add_column("seconds", justify="right")
         for trial in self.trials:
+            label = f"{trial.batch} mixed" if trial.case == "mixed" else str(trial.batch)
+            if trial.role != "verdict":  # a traced step that makes the memory model
+                label += f" ({trial.role})"
             table.add_row(
-                f"{trial.batch} mixed" if trial.case == "mixed" else str(trial.batch),
+                label,
                 "[green]yes[/]" if trial.fitted else "[red]OOM[/]",
                 _bytes(trial.peak_bytes),
                 f"{trial.seconds:.3f}",
@@ -169,10 +215,16 @@ class ProbeResult:
         ]
         if any(trial.case == "mixed" for trial in self.trials):
             lines.append("mixed: the largest samples but one, with the smallest (a padded batch)")
+        if any(trial.role != "verdict" for trial in self.trials):
+            lines.append(
+                "cold: a first step from a cold start, steady: a step at steady state (their memory "
+                "timelines predict the answer); the others: the step that decides whether training survives"
+            )
         if self.bytes_per_sample is not None:
             lines.append(
                 f"memory model: {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch"
             )
+        lines.extend(self.survival_notes())
         if self.margin or self.multiple_of > 1:
             lines.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
         # The title too: as a table title it would wrap to the table's width.
@@ -262,6 +314,11 @@ _RESULT_FIELDS = {
     "seconds": "duration",
     "cached": "bool",
     "verified": "bool",
+    "single_step_batch": "positive int or None",
+    "fixed_point_steps": "positive int or None",
+    "decided_by": "str or None",
+    "alloc_conf": "str or None",
+    "expandable_batch": "positive int or None",
 }
 _TRIAL_FIELDS = {
     "batch": "positive int",
@@ -271,6 +328,7 @@ _TRIAL_FIELDS = {
     "backward_peak_bytes": "count or None",
     "reserved_bytes": "count or None",
     "case": "case",
+    "role": "role or None",
 }
 _BOUND = 2**53
 """Counts and sizes above this are not a probe's (JSON numbers lose integer precision there)."""
@@ -308,6 +366,8 @@ def _check_field(name: str, value: Any, kind: str) -> None:
         raise ValueError(f"Expected `{name}` to be 'max_batch', 'dataset' or None, but got {value!r}.")
     elif base == "case" and value not in ("longest", "mixed"):
         raise ValueError(f"Expected `{name}` to be 'longest' or 'mixed', but got {value!r}.")
+    elif base == "role" and value not in ("verdict", "cold", "steady"):
+        raise ValueError(f"Expected `{name}` to be 'verdict', 'cold' or 'steady', but got {value!r}.")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,10 @@ class Trial:
     case: str = "longest"
     """What the batch held: ``"longest"``, the largest samples; ``"mixed"``, the largest but one with the
     smallest, which collation pads (see :meth:`autobatch.data.DataSource.mixed_case`)."""
+    role: str = "verdict"
+    """What the step was for: ``"verdict"``, whether training at the batch survives (see
+    :mod:`autobatch.survival`); ``"cold"`` and ``"steady"``, a traced first step from a cold start and a
+    traced step at steady state, whose timelines make the memory model (they decide nothing alone)."""
 
 
 @dataclass(frozen=True)
@@ -126,16 +130,24 @@ def run_trial(
     clock: Callable[[], float],
     on_trial: Callable[[Trial], None] | None = None,
     case: str = "longest",
+    role: str = "verdict",
 ) -> Trial:
     """Run ``try_step(batch)`` once and record it as a :class:`Trial` (passed to ``on_trial`` too)."""
     t0 = clock()
     try:
         peaks = try_step(batch)
     except OutOfMemory:
-        trial = Trial(batch, False, None, clock() - t0, case=case)
+        trial = Trial(batch, False, None, clock() - t0, case=case, role=role)
     else:
         trial = Trial(
-            batch, True, peaks.step_bytes, clock() - t0, peaks.backward_bytes, peaks.reserved_bytes, case
+            batch,
+            True,
+            peaks.step_bytes,
+            clock() - t0,
+            peaks.backward_bytes,
+            peaks.reserved_bytes,
+            case,
+            role,
         )
     if on_trial is not None:
         on_trial(trial)
@@ -153,6 +165,7 @@ def search(
     floor: int = 1,
     predictor: Callable[[], Predictor | None] | None = None,
     case: str = "longest",
+    start_expected: bool | None = None,
 ) -> SearchOutcome:
     """Find the largest batch in ``[1, cap]`` for which ``try_step`` does not raise :class:`OutOfMemory`.
 
@@ -167,6 +180,8 @@ def search(
             tried below.
         predictor: returns the memory model of the trials so far (``None`` while it has none).
         case: what ``try_step``'s batches hold, recorded in every :class:`Trial`.
+        start_expected: what the predictor said of ``start`` when it chose it (``True``: fits), so that
+            a surprise there calibrates the next prediction.
 
     Returns:
         A :class:`SearchOutcome`; ``best`` is 0 when not even a batch of 1 fitted.
@@ -193,9 +208,10 @@ def search(
         return trial.fitted
 
     candidate = max(floor, min(start, cap))
-    expected: bool | None = None  # what a model predicted for the candidate (None: not model-based)
+    expected = start_expected  # what a model predicted for the candidate (None: not model-based)
     surprises, effective = 0, limit  # the limit predictions use, calibrated by surprises
-    timeline: Predictor | None = None  # the predictor behind the candidate, if it chose it
+    # the predictor behind the candidate, if it chose it
+    timeline: Predictor | None = predictor() if predictor is not None and expected is not None else None
     while True:
         fitted = run(candidate)
         if fitted:
@@ -209,13 +225,18 @@ def search(
             effective = min(effective, peak - 1) if expected else max(effective, peak)
         if lo >= cap or (hi is not None and (hi - lo <= 1 or hi <= floor)):
             break
-        if lo == 0:  # the start did not fit: halve towards the floor
-            candidate, expected, timeline = max(floor, candidate // 2), None, None
-            continue
         upper = min(cap, hi - 1 if hi is not None else cap)
         timeline = (
             predictor() if predictor is not None and effective is not None and surprises < SURPRISES else None
         )
+        if lo == 0:  # the start did not fit: below it, by the model where it has one, else halving
+            assert hi is not None
+            predicted = timeline.max_batch(effective, lo=floor, hi=hi - 1) if timeline and effective else 0
+            if predicted >= floor:
+                candidate, expected = predicted, True
+            else:
+                candidate, expected, timeline = max(floor, candidate // 2), None, None
+            continue
         if timeline is None and predictor is not None and len(trials) == 1:
             # The model needs a second timeline: the next batch up is the cheapest one to get.
             candidate, expected = min(lo + 1, cap), None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.footprint import kept_tensors
 from autobatch.memory import DeviceMemory
 from autobatch.options import PRECISIONS
 
@@ -213,6 +214,10 @@ class Stepper:
         self.dtype = _DTYPES[precision]
         if scaler is None:
             scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        if scaler.is_enabled() and getattr(scaler, "_scale", None) is None:
+            # Its scale and growth tracker are made on the device by the first scale(); made now, they are
+            # resident from the start, and the first step allocates what every later one does.
+            scaler.scale(torch.ones((), device=memory.device))
         self.scaler = scaler
         self._loss: torch.Tensor | None = None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -233,6 +238,7 @@ class Stepper:
         ranks together), so that the accumulated gradient equals the gradient of the whole batch. The
         weighted losses add up to the step's loss (:meth:`pending_loss`).
         """
+        self.memory.mark("micro")
         batch = self.memory.transfer(batch)
         with self.autocast():
             loss = compute_loss(self.forward_module, batch, self.loss_fn, self.step_fn)
@@ -282,6 +288,7 @@ class Stepper:
         its scale) or, with ``skip_nonfinite``, when the loss or the clipped gradient norm is NaN or
         infinite. The gradients are zeroed either way.
         """
+        self.memory.mark("optimizer")
         if loss is None:
             loss = self.pending_loss()
         if self.skip_nonfinite and not math.isfinite(loss):
@@ -323,11 +330,27 @@ class Stepper:
         if per_optimizer is not None:
             per_optimizer.clear()
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the step keeps on the device between steps (the emulated device's residents)."""
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """What the step keeps on the device before its first step: parameters, buffers, the scaler's state
+        and what the model's modules keep in plain attributes (:func:`~autobatch.footprint.kept_tensors`)."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        for state in self.optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
         tensors += [v for v in vars(self.scaler).values() if isinstance(v, torch.Tensor)]
-        return tensors
+        return tensors + kept_tensors(self.model)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the step keeps on the device between steps (the emulated device's residents): the
+        weight tensors, then gradients and the optimizer's state (made by the first step)."""
+        tensors = self.weight_tensors()
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        return tensors + self.optimizer_state()
+
+    def optimizer_state(self) -> list[torch.Tensor]:
+        """The optimizer's state tensors on the device. Not the step counters torch's optimizers keep as
+        0-dim host tensors (unless capturable or fused): on a GPU they take no device memory, and an
+        emulated CPU device must not count them either."""
+        return [
+            v
+            for state in self.optimizer.state.values()
+            for key, v in state.items()
+            if isinstance(v, torch.Tensor) and not (key == "step" and v.ndim == 0 and v.device.type == "cpu")
+        ]

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -50,8 +50,11 @@ class Timeline:
 
     Attributes:
         batch: the trial's batch size.
-        resident: sizes (before rounding) of the tensors on the device when the step began.
-        events: ``("alloc", i, nbytes)`` for the i-th allocation and ``("free", i)``.
+        resident: sizes (before rounding) of the tensors on the device when the step began, in the order
+            they were allocated.
+        events: ``("alloc", i, nbytes)`` for the step's i-th allocation, ``("free", i)``,
+            ``("free", ("resident", j))`` for the j-th resident tensor, and ``("mark", label)`` where the
+            step began a micro-step or its optimizer step (see :mod:`autobatch.ledger`).
     """
 
     batch: int
@@ -59,13 +62,16 @@ class Timeline:
     events: tuple[tuple[Any, ...], ...]
 
     def skeleton(self) -> tuple[Any, ...]:
-        """The order of allocations and frees, without the sizes."""
-        return tuple(e if e[0] == "free" else ("alloc", e[1]) for e in self.events)
+        """The order of allocations, frees and marks, without the sizes."""
+        return tuple(("alloc", e[1]) if e[0] == "alloc" else e for e in self.events)
 
 
 @dataclass(frozen=True)
 class MemoryTimeline:
-    """A timeline whose allocation sizes are linear in the batch; replays it at any batch size."""
+    """A timeline whose allocation sizes are linear in the batch; replays it at any batch size.
+
+    Fitted on one batch size only (``points`` equal), it holds that batch's sizes, whatever the batch.
+    """
 
     resident: tuple[int, ...]
     skeleton: tuple[Any, ...]
@@ -75,33 +81,34 @@ class MemoryTimeline:
     def sizes_at(self, batch: int) -> list[int]:
         """Each allocation's size at ``batch`` (rounded up where the fit is not a whole number)."""
         b1, b2 = self.points
-        out = []
-        for s1, s2 in self.sizes:
-            exact = s1 + Fraction(s2 - s1, b2 - b1) * (batch - b1)
-            out.append(max(0, -(-exact.numerator // exact.denominator)))
-        return out
+        if b1 == b2:
+            return [s1 for s1, _ in self.sizes]
+        span, offset = b2 - b1, batch - b1
+        # s1 + (s2 - s1) × offset / span, rounded up, in integers
+        return [max(0, -(-(s1 * span + (s2 - s1) * offset) // span)) for s1, s2 in self.sizes]
+
+    def step_events(self, batch: int) -> list[tuple[Any, ...]]:
+        """The step's own events at ``batch`` (its marks included; the residents are not allocated)."""
+        sizes = iter(self.sizes_at(batch))
+        return [("alloc", e[1], next(sizes)) if e[0] == "alloc" else e for e in self.skeleton]
 
     def events_at(self, batch: int) -> list[tuple[Any, ...]]:
-        """The timeline at ``batch``, the resident tensors allocated first (as a region starts)."""
-        sizes = iter(self.sizes_at(batch))
+        """The timeline at ``batch``, the resident tensors allocated first (as a fresh region starts)."""
         events: list[tuple[Any, ...]] = [("alloc", ("resident", i), n) for i, n in enumerate(self.resident)]
-        for event in self.skeleton:
-            events.append(event if event[0] == "free" else ("alloc", event[1], next(sizes)))
-        return events
+        return events + [e for e in self.step_events(batch) if e[0] != "mark"]
 
     def peak(self, batch: int, *, allocator: bool = False) -> int:
         """The step's peak at ``batch``: live bytes in 512-byte blocks, or the allocator's reserved bytes."""
         if allocator:
             return replay(self.events_at(batch), cap=None).peak_reserved
-        live = peak = sum(_rounded(n) for n in self.resident)
-        sizes = dict(zip((e[1] for e in self.skeleton if e[0] == "alloc"), self.sizes_at(batch), strict=True))
-        held: dict[Any, int] = {}
-        for event in self.skeleton:
+        held: dict[Any, int] = {("resident", i): _rounded(n) for i, n in enumerate(self.resident)}
+        live = peak = sum(held.values())
+        for event in self.step_events(batch):
             if event[0] == "alloc":
-                held[event[1]] = _rounded(sizes[event[1]])
+                held[event[1]] = _rounded(event[2])
                 live += held[event[1]]
                 peak = max(peak, live)
-            else:
+            elif event[0] == "free":
                 live -= held.pop(event[1])
         return peak
 
@@ -119,7 +126,7 @@ class MemoryTimeline:
         the allocator it can: a tensor that outgrows the small pool (1 MiB) moves into the large pool's
         segments, where a larger batch may fit although a smaller one did not. There the range is cut at
         the batches where some allocation changes pool or segment kind, searched region by region, and
-        every batch below the answer (up to :data:`SCAN_LIMIT` of them) is replayed for holes.
+        the batches below the answer are replayed for holes (see :func:`largest_in_regions`).
         """
         known: dict[int, bool] = {}
 
@@ -128,30 +135,8 @@ class MemoryTimeline:
                 known[batch] = self.fits(batch, limit, allocator=allocator)
             return known[batch]
 
-        if lo > hi or not fits(lo):
-            return lo - 1
-        best = hi
-        for start, end in self._regions(lo, hi) if allocator else [(lo, hi)]:
-            if not fits(start):
-                best = start - 1
-                break
-            if fits(end):
-                continue
-            good = start  # fits; the last batch that does, as memory grows within the region
-            while good < end:
-                mid = (good + end + 1) // 2
-                if fits(mid):
-                    good = mid
-                else:
-                    end = mid - 1
-            best = good
-            break
-        if allocator:  # best fit and splitting can still leave holes inside a region: look at each batch
-            step = max(1, (best - lo) // SCAN_LIMIT)
-            for batch in range(lo + 1, best + 1, step):
-                if not fits(batch):
-                    return batch - 1
-        return best
+        regions = self._regions(lo, hi) if allocator else [(lo, hi)]
+        return largest_in_regions(fits, lo, hi, regions, scan=fits if allocator else None)
 
     def _regions(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """``[lo, hi]`` cut where an allocation crosses 1 MiB or 10 MiB, where the allocator changes rules."""
@@ -173,6 +158,65 @@ class MemoryTimeline:
                     cuts.add(first)
         bounds = [lo, *sorted(cuts), hi + 1]
         return [(a, b - 1) for a, b in itertools.pairwise(bounds) if a <= b - 1]
+
+
+def largest_in_regions(
+    fits: Callable[[int], bool],
+    lo: int,
+    hi: int,
+    regions: Sequence[tuple[int, int]],
+    *,
+    scan: Callable[[int], bool] | None = None,
+    scan_limit: int = SCAN_LIMIT,
+) -> int:
+    """The largest ``b`` in ``[lo, hi]`` with ``fits(b)``, memory growing with the batch inside each region
+    (binary search), the first region whose start does not fit ending the search; ``lo - 1`` when ``lo``
+    does not fit.
+
+    With ``scan`` (a test that fails wherever ``fits`` does), every batch from ``lo`` up to the answer is
+    scanned for holes (at most ``scan_limit`` of them, in even strides beyond). Where one fails, the
+    batches since the last one that passed are scanned one by one, and the answer is the largest batch
+    below the first failure for which ``fits`` holds: every answer is tested.
+
+    Example:
+        >>> largest_in_regions(lambda b: b <= 37, 1, 100, [(1, 100)])
+        37
+        >>> largest_in_regions(lambda b: b <= 37 and b != 20, 1, 100, [(1, 100)], scan=lambda b: b != 20)
+        19
+    """
+    if lo > hi or not fits(lo):
+        return lo - 1
+    best = hi
+    for start, end in regions:
+        if not fits(start):
+            best = start - 1
+            break
+        if fits(end):
+            continue
+        good = start  # fits; the last batch that does, as memory grows within the region
+        while good < end:
+            mid = (good + end + 1) // 2
+            if fits(mid):
+                good = mid
+            else:
+                end = mid - 1
+        best = good
+        break
+    if scan is None:
+        return best
+    stride = max(1, -(-(best - lo) // scan_limit))
+    passed = lo
+    for batch in range(lo + 1, best + 1, stride):
+        if scan(batch):
+            passed = batch
+            continue
+        # A hole: the first batch that fails is at most `stride` above the last one that passed.
+        first = next(b for b in range(passed + 1, batch + 1) if not scan(b))
+        answer = first - 1
+        while answer >= lo and not fits(answer):
+            answer -= 1
+        return answer
+    return best
 
 
 def fit_timeline(first: Timeline, second: Timeline) -> MemoryTimeline | None:

@@ -204,4 +204,4 @@ def test_a_trace_records_the_allocations_in_order() -> None:
         b = a * 2
         del a
         del b
-    assert measured.trace == ((400,), (("alloc", 1, 40), ("alloc", 2, 40), ("free", 1), ("free", 2)))
+    assert measured.trace == ((400,), (("alloc", 0, 40), ("alloc", 1, 40), ("free", 0), ("free", 1)))

@@ -91,15 +91,17 @@ def test_probe_finds_the_exhaustive_maximum(
     assert result.capped_by is None
     assert result.precision == precision
     assert result.memory_limit == options["memory_limit"]
-    # The project's targets for a probe on an ideal device: the maximum and the batch above it, after the
-    # warm-up and two small trials whose memory timelines predict it; where samples differ in length, one
-    # more step confirms the maximum on a padded (mixed) batch.
+    # The project's targets for a probe on an ideal device: the maximum and the batch above it, each
+    # settled by one step, after a traced cold step and a traced steady one whose timelines predict it;
+    # where samples differ in length, one or two more steps confirm the maximum on a padded (mixed) batch.
     mixed = [t for t in result.trials if t.case == "mixed"]
     assert len(mixed) == (1 if name == "transformer" else 0)
-    assert result.optimizer_steps <= 5 + len(mixed), [(t.batch, t.fitted) for t in result.trials]
+    assert [t.role for t in result.trials[:2]] == ["cold", "steady"]
+    assert result.optimizer_steps <= 4 + 2 * len(mixed), [(t.batch, t.fitted) for t in result.trials]
+    assert result.optimizer_steps <= 6
     assert result.ooms <= 1, [(t.batch, t.fitted) for t in result.trials]
     assert result.ooms == sum(not t.fitted for t in result.trials) >= 1
-    assert result.optimizer_steps == len(result.trials) + 1  # the warm-up step, then one per trial
+    assert result.optimizer_steps >= len(result.trials)  # a trial is one step, or a few
     fitted = [t.batch for t in result.trials if t.fitted]
     failed = [t.batch for t in result.trials if not t.fitted]
     assert max(fitted) == exact
@@ -301,7 +303,7 @@ def test_state_is_bit_identical_after_probe(scenario: str, optimizer_state: str,
             if (scenario == "step_fn_error" and len(tried) == 2) or (scenario == "error_after_oom" and ooms):
                 raised.append(ValueError(f"custom failure at batch {n}"))
                 raise raised[-1]
-            if scenario == "error_after_oom" and len(tried) == 6:  # the first trial after the small ones
+            if scenario == "error_after_oom" and len(tried) == 4:  # the first trial after the two traced ones
                 ooms.append(n)
                 raise torch.OutOfMemoryError(f"injected at batch {n}")
             tried.append(n)
@@ -618,8 +620,10 @@ def test_step_fn_escape_hatch() -> None:
     options["memory_limit"] = limit_for(autoencoder, (X,), 12, **options)
     sizes.clear()
     result = probe(autoencoder, (X,), **options)
-    # Each step runs two micro-steps by default (the second adds onto the first's gradients).
-    assert sizes == [b for b in [1] + [t.batch for t in result.trials] for _ in range(2)]
+    # Each step runs two micro-steps by default (the second adds onto the first's gradients); here every
+    # trial is one step: the traced cold and steady ones, then the maximum and the batch above it.
+    assert sizes == [b for b in [t.batch for t in result.trials] for _ in range(2)]
+    assert result.optimizer_steps == len(result.trials) == 4
     assert result.first_failure == result.micro_batch + 1
     assert try_batch(autoencoder, (X,), result.micro_batch, **options).fitted
     assert not try_batch(autoencoder, (X,), result.micro_batch + 1, **options).fitted
