@@ -1106,3 +1106,39 @@ def test_the_probed_micro_batch_trains_20_steps_through_the_allocator_without_an
     assert result.probe is not None and result.probe.limit_kind.endswith("CUDA's caching allocator)")
     assert result.plan.accumulation_steps > 1  # micro-batches of the probed size, accumulated
     assert result.optimizer_steps == 20 and result.backoffs == [] and result.skipped_steps == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("memory_limit", "precision"), [("1GiB", "fp32"), ("2GiB", "bf16"), (None, "fp16")])
+def test_cuda_evaluation_starts_from_a_batch_that_fits(
+    memory_limit: str | None, precision: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On real CUDA the memory model's line uses allocated bytes (the training's cached blocks are free for
+    inference): the evaluation batch is larger than the micro-batch and runs without a warning."""
+    caplog.set_level(logging.DEBUG, logger="autobatch")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8192, 1024, generator=g), torch.randint(0, 10, (8192,), generator=g)
+    X_test, y_test = torch.randn(30000, 1024, generator=g), torch.randint(0, 10, (30000,), generator=g)
+    model = nn.Sequential(
+        nn.Linear(1024, 8192), nn.ReLU(), nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 10)
+    )
+    result = autobatch.fit(
+        model,
+        (X, y),
+        target_batch=4096,
+        epochs=2,
+        eval_data=(X_test, y_test),
+        memory_limit=memory_limit,
+        precision=precision,
+        device="cuda",
+        progress=False,
+        cache=False,
+    )
+    assert result.probe is not None
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in loud if "evaluation" in m], loud
+    first, last = result.evals
+    assert first.batch_size > result.probe.micro_batch or first.batch_size == 30000
+    assert last.backoffs == [] and last.samples == 30000
