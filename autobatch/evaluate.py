@@ -166,7 +166,8 @@ def evaluate(
         gathered = group.gather((merged, sequences, size))
         merged = [np.concatenate([g[0][i] for g in gathered]) for i in range(columns)]
         sequences = sum(g[1] for g in gathered)
-        size = min(g[2] for g in gathered)  # the batch that fits on every rank: one report for all
+        # The batch that fits on every rank that had samples: one report for all.
+        size = min([g[2] for g in gathered if g[1]] or [size])
     if lm:
         report = score_lm(
             merged[0], kind=kind, sequences=sequences, batch_size=size, epoch=epoch, backoffs=backoffs

@@ -194,7 +194,9 @@ class EvalReport:
         text: the same for people (sklearn's text report, or a few lines for a language model).
         accuracy: the share of correct predictions (of correctly predicted tokens for a language model:
             the next token for a causal LM).
-        batch_size: the evaluation batch size that fitted.
+        batch_size: the evaluation batch it ran with, after any back-off (the next evaluation starts from
+            it): a given ``eval_batch``, or the largest the memory model said fits after a measured first
+            batch, capped by the data.
         samples: the number of samples (sequences) scored.
         epoch: the training epoch after which it was taken (``None`` outside training).
         backoffs: the evaluation batch's out-of-memory back-offs (from, to).
