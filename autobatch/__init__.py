@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from autobatch._version import __version__
 from autobatch.errors import (
     AutobatchError,
+    EvaluationError,
     NoBatchFitsError,
     NonFiniteLossError,
     OptimizerStepError,
@@ -57,6 +58,7 @@ __all__ = [
     "AutobatchError",
     "Backoff",
     "EvalReport",
+    "EvaluationError",
     "FitResult",
     "NoBatchFitsError",
     "NonFiniteLossError",

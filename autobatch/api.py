@@ -16,14 +16,14 @@ from typing import Any
 
 from torch import nn
 
-from autobatch.errors import UsageValueError
+from autobatch.errors import EvaluationError, UsageValueError
 from autobatch.evaluate import evaluate
 from autobatch.loop import TrainLoop, warn_batchnorm
 from autobatch.options import Options, TrainOptions, entry_point
 from autobatch.planner import plan
 from autobatch.prober import Prober
 from autobatch.probestore import ProbeStore
-from autobatch.result import FitResult, ProbeResult
+from autobatch.result import EvalReport, FitResult, ProbeResult
 from autobatch.search import OutOfMemory, Trial
 from autobatch.session import Session, resolve
 from autobatch.step import Stepper
@@ -60,6 +60,8 @@ def fit(
         NoBatchFitsError: not even the smallest micro-batch fits.
         OptimizerStepError: ``optimizer.step()`` ran out of memory after every micro-step fitted.
         NonFiniteLossError: the loss was NaN or infinite for several steps in a row.
+        EvaluationError: the evaluation after an epoch failed; ``.result`` is the FitResult so far and
+            ``__cause__`` what failed.
 
     Example:
         >>> import torch, autobatch
@@ -98,15 +100,20 @@ def fit(
                 result.train_seconds += time.perf_counter() - t0
                 result.epochs = epoch + 1
                 if session.eval_source is not None:
-                    result.evals.append(_evaluate(session, loop, result, epoch))
+                    result.evals.append(_evaluate(session, loop, result, epoch, started))
                     session.memory.empty_cache()  # evaluation's cached blocks are not training's
+    _record(result, session, loop, started)
+    return result
+
+
+def _record(result: FitResult, session: Session, loop: TrainLoop, started: float) -> None:
+    """Put what training did into ``result``: at the end, or when an evaluation fails."""
     result.final_plan = loop.plan
     result.skipped_steps, result.nonfinite_steps = loop.skipped_steps, loop.nonfinite_steps
     result.backoffs, result.regrowths = loop.backoffs, loop.regrowths
     result.optimizer_steps, result.samples = loop.steps, loop.samples
     result.cpu_threads = session.cpu_threads
     result.seconds = time.perf_counter() - started
-    return result
 
 
 def _training_stepper(session: Session) -> Stepper:
@@ -124,23 +131,54 @@ def _training_stepper(session: Session) -> Stepper:
     )
 
 
-def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int) -> Any:
+def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int, started: float) -> EvalReport:
+    """Evaluate after ``epoch``; if that fails, the :class:`EvaluationError` carries ``result``.
+
+    The first evaluation starts from the user's ``eval_batch``, else from a measured batch of the
+    training micro-batch's size and then the largest the memory model says fits; later ones start from
+    the batch that fitted last time.
+    """
     evaluation = session.options.eval
     assert session.eval_source is not None
-    # After the first evaluation, start from the batch size that fitted last time.
-    start = result.evals[-1].batch_size if result.evals else evaluation.eval_batch or 4 * loop.micro
-    report = evaluate(
-        session.model,
-        session.eval_source,
-        session.memory,
-        loop.stepper.autocast,
-        batch_size=start,
-        target_names=evaluation.target_names,
-        predict_fn=evaluation.predict_fn,
-        kind=session.eval_kind,
-        epoch=epoch,
-        group=session.group,
-    )
+    given = None if result.evals else evaluation.eval_batch
+    try:
+        report = evaluate(
+            session.model,
+            session.eval_source,
+            session.memory,
+            loop.stepper.autocast,
+            batch_size=result.evals[-1].batch_size if result.evals else given,
+            first_batch=loop.micro,
+            target_names=evaluation.target_names,
+            predict_fn=evaluation.predict_fn,
+            kind=session.eval_kind,
+            epoch=epoch,
+            group=session.group,
+        )
+    except Exception as exc:  # agreed across ranks inside evaluate: every rank raises here
+        _record(result, session, loop, started)
+        epochs = session.options.train.epochs
+        done = f"{result.optimizer_steps} optimizer step{'s' if result.optimizer_steps != 1 else ''}"
+        trained = (
+            f"Training finished ({epochs} epoch{'s' if epochs != 1 else ''}, {done})"
+            if epoch + 1 == epochs
+            else f"Training stopped after epoch {epoch + 1} of {epochs} ({done})"
+        )
+        cause = str(exc).rstrip().removesuffix(".")
+        raise EvaluationError(
+            f"{trained}, but the evaluation after epoch {epoch + 1} failed: {type(exc).__name__}: {cause}. "
+            "The model keeps what it learned, and the FitResult so far is on this error: "
+            "`except autobatch.EvaluationError as error: result = error.result`.",
+            result=result,
+            epoch=epoch,
+        ) from exc
+    if given is not None and report.backoffs:
+        logger.warning(
+            "eval_batch=%d does not fit: evaluation backed off to %d. Lower `eval_batch`, or leave it out "
+            "to start from what the memory model says fits.",
+            given,
+            report.batch_size,
+        )
     logger.info("epoch %d: %s evaluation, %s", epoch + 1, report.kind, report.headline())
     return report
 

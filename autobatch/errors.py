@@ -6,8 +6,8 @@ Two families:
   was changed. :class:`UsageValueError` is also a ``ValueError`` and :class:`UsageTypeError` also a
   ``TypeError``, so ``except ValueError`` keeps working; the command line maps them to exit code 2 by type.
 * **Run-time verdicts** (:class:`AutobatchError`): the job cannot go on, for a reason that is not a bug in
-  the call itself: nothing fits, an optimizer step ran out of memory half-way, training diverged, or
-  another rank failed.
+  the call itself: nothing fits, an optimizer step ran out of memory half-way, training diverged, the
+  evaluation after an epoch failed (the trained result is on the error), or another rank failed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the command line imports this module without torch
     from autobatch.footprint import ModelState
+    from autobatch.result import FitResult
 
 __all__ = [
     "AutobatchError",
+    "EvaluationError",
     "NoBatchFitsError",
     "NonFiniteLossError",
     "OptimizerStepError",
@@ -101,6 +103,25 @@ class NonFiniteLossError(AutobatchError):
         super().__init__(message)
         self.first_step = first_step
         self.steps = steps
+
+
+class EvaluationError(AutobatchError):
+    """The evaluation after an epoch failed; the epochs trained before it are kept, on :attr:`result`.
+
+    The exception that made it fail is ``__cause__`` (on the other ranks under torchrun, a
+    :class:`PeerError` naming the rank where it failed). Fix it and evaluate the trained model, or train on:
+    ``result.epochs`` epochs are done.
+
+    Attributes:
+        result: the :class:`~autobatch.result.FitResult` so far: losses, plans, back-offs, steps, the
+            epochs trained and the evaluations that succeeded.
+        epoch: the epoch whose evaluation failed, counted from 0 as in ``EvalReport.epoch``.
+    """
+
+    def __init__(self, message: str, *, result: FitResult, epoch: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.epoch = epoch
 
 
 class PeerError(AutobatchError):

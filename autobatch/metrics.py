@@ -11,6 +11,10 @@ Three kinds of evaluation, told apart by :func:`eval_kind`:
 * ``"masked_lm"``: the same figures at the labelled positions, unshifted (BERT's masked tokens).
 
 A user's ``predict_fn(model, batch) -> (predictions, labels)`` is scored as a classification.
+
+Outputs that are NaN or infinite are counted, never scored silently: samples whose scored logits are not
+finite, or tokens whose loss is not. What an evaluation needs of its data is checked before training by
+:mod:`autobatch.evalcheck`.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from autobatch.errors import UsageValueError
+from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.evalcheck import FIXES, as_labels, class_label_message, class_label_problem
 from autobatch.result import EvalReport
 
-__all__ = ["EvalKind", "eval_kind", "lm_sums", "predict", "score", "score_lm"]
+__all__ = ["EvalKind", "eval_kind", "lm_sums", "predict", "predict_counted", "score", "score_lm"]
 
 EvalKind = str
 """``"classification"``, ``"causal_lm"``, ``"masked_lm"`` or ``"predict_fn"``."""
@@ -109,18 +114,49 @@ def predict(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     ``(*inputs, labels)`` batches call ``model(*inputs)``; dict batches call ``model(**batch)`` with
     ``labels`` left in (Hugging Face models return ``.logits``). Token-level logits ``[B, T, C]`` are
     flattened, and labels equal to -100 (the ignore index) are dropped.
+
+    Raises:
+        UsageTypeError: the labels are not integer class indices (strings, floats: regression or
+            multi-hot targets).
+        UsageValueError: the labels do not give one class per output (multilabel targets, say).
+    """
+    predictions, labels, _ = predict_counted(model, batch)
+    return predictions, labels
+
+
+def predict_counted(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`predict`, and ``[n]``: the samples whose scored logits hold NaN or infinity.
+
+    Positions labelled -100 are not scored, so padding whose logits are NaN (a fully masked attention
+    row) does not count.
     """
     logits, labels = _forward(model, batch)
-    predictions = logits.argmax(dim=-1).reshape(-1)
-    labels = labels.reshape(-1)
+    labels = as_labels(labels)
+    problem = class_label_problem(labels)
+    if problem is not None:
+        raise UsageTypeError(class_label_message(problem))
+    scored = logits.shape[:-1]  # one class index per output row
+    if logits.dim() == 0 or labels.numel() != scored.numel():
+        raise UsageValueError(
+            "Expected the model's logits [batch, classes] (or [batch, tokens, classes]) and one class index "
+            f"per row of them, but got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            + (" (multilabel targets?)" if labels.numel() > scored.numel() else "")
+            + f". {FIXES}"
+        )
+    labels = labels.reshape(scored)
     keep = labels != IGNORE_INDEX
-    return predictions[keep], labels[keep]
+    bad = ~torch.isfinite(logits).all(dim=-1) & keep
+    nonfinite = bad.reshape(len(bad) if bad.dim() else 1, -1).any(dim=1).sum().reshape(1)
+    predictions = logits.argmax(dim=-1)
+    return predictions[keep], labels[keep], nonfinite
 
 
 def lm_sums(model: nn.Module, batch: Any, *, shift: bool) -> torch.Tensor:
-    """``[[summed token loss, correct tokens, tokens]]`` of one batch (float64, on the host).
+    """``[[summed token loss, correct tokens, tokens, non-finite token losses]]`` of one batch (float64,
+    on the host).
 
-    With ``shift`` (a causal LM) the logits at ``t`` are scored against the label at ``t + 1``.
+    With ``shift`` (a causal LM) the logits at ``t`` are scored against the label at ``t + 1``. A NaN or
+    infinite token loss stays in the sum (the mean loss is then NaN or infinite, as it is), and is counted.
     """
     logits, labels = _forward(model, batch, lm=True)
     if logits.dim() < 3 or labels.shape != logits.shape[:-1]:
@@ -135,12 +171,17 @@ def lm_sums(model: nn.Module, batch: Any, *, shift: bool) -> torch.Tensor:
     keep = labels != IGNORE_INDEX
     logits = logits.reshape(-1, logits.shape[-1])[keep].float()
     labels = labels[keep]
-    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     correct = (logits.argmax(dim=-1) == labels).sum()
     sums = torch.stack(
-        [loss.double(), correct.double(), torch.tensor(float(labels.numel()), dtype=torch.float64)]
+        [
+            losses.double().sum(),
+            correct.double(),
+            torch.tensor(float(labels.numel()), dtype=torch.float64),
+            (~torch.isfinite(losses)).sum().double(),
+        ]
     )
-    return sums.reshape(1, 3).cpu()
+    return sums.reshape(1, 4).cpu()
 
 
 def score(
@@ -152,10 +193,13 @@ def score(
     epoch: int | None = None,
     backoffs: list[tuple[int, int]] | None = None,
     kind: EvalKind = "classification",
+    nonfinite: int | None = None,
 ) -> EvalReport:
     """sklearn's classification report (dict and text) of labels against predictions.
 
     Classes are every label seen in either array, so that ``target_names`` lines up with them.
+    ``nonfinite`` (the samples whose logits held NaN or infinity; ``None``: not counted) is noted in the
+    text when there were any: their argmax predictions mean nothing.
     """
     from sklearn.metrics import classification_report  # here: importing sklearn takes seconds
 
@@ -171,6 +215,11 @@ def score(
     kwargs: dict[str, Any] = {"labels": classes, "target_names": names, "zero_division": 0}
     report = classification_report(y_true, y_pred, output_dict=True, **kwargs)
     text = classification_report(y_true, y_pred, digits=4, **kwargs)
+    if nonfinite:
+        text += (
+            f"\nNaN or infinite outputs in {nonfinite:,} sample{'s' if nonfinite != 1 else ''}: their "
+            "predictions are the argmax of NaN/inf logits and mean nothing.\n"
+        )
     accuracy = float((y_true == y_pred).mean()) if len(y_true) else 0.0
     return EvalReport(
         report=report,
@@ -181,6 +230,7 @@ def score(
         epoch=epoch,
         backoffs=backoffs or [],
         kind=kind,
+        nonfinite=nonfinite,
     )
 
 
@@ -193,8 +243,10 @@ def score_lm(
     epoch: int | None = None,
     backoffs: list[tuple[int, int]] | None = None,
 ) -> EvalReport:
-    """A language model's report from the summed ``[loss, correct, tokens]`` of every batch."""
-    loss_sum, correct, tokens = (float(v) for v in np.asarray(sums, dtype=np.float64).reshape(-1, 3).sum(0))
+    """A language model's report from the summed ``[loss, correct, tokens, non-finite]`` of every batch
+    (:func:`lm_sums`)."""
+    columns = np.asarray(sums, dtype=np.float64).reshape(-1, 4).sum(0)
+    loss_sum, correct, tokens, nonfinite = (float(v) for v in columns)
     if tokens == 0:
         raise UsageValueError(
             "Expected the evaluation data to hold labelled tokens, but every label was -100"
@@ -202,7 +254,8 @@ def score_lm(
             + "."
         )
     loss = loss_sum / tokens
-    perplexity = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float past ~709.78
+    # exp overflows a float past ~709.78; a NaN loss (NaN outputs) has no perplexity either
+    perplexity = math.nan if math.isnan(loss) else math.exp(loss) if loss < 709 else math.inf
     accuracy = correct / tokens
     what = "next-token (labels shifted by one)" if kind == "causal_lm" else "masked tokens"
     report = {"loss": loss, "perplexity": perplexity, "token_accuracy": accuracy, "tokens": int(tokens)}
@@ -212,6 +265,8 @@ def score_lm(
         f"  perplexity      {perplexity:.4f}\n"
         f"  token accuracy  {accuracy:.4f}\n"
     )
+    if nonfinite:
+        text += f"  non-finite      {int(nonfinite):,} tokens (NaN or infinite loss)\n"
     return EvalReport(
         report=report,
         text=text,
@@ -224,4 +279,5 @@ def score_lm(
         loss=loss,
         perplexity=perplexity,
         tokens=int(tokens),
+        nonfinite=int(nonfinite),
     )

@@ -378,7 +378,10 @@ class EvalOptions(_Group):
 
     eval_data: Any = option(None, _any, "data to evaluate after each epoch (same forms as data)")
     eval_batch: int | None = option(
-        None, _positive, "the evaluation batch to start from (default: 4 × the micro-batch)"
+        None,
+        _positive,
+        "the evaluation batch to start from (default: what the memory model says fits after one measured "
+        "batch)",
     )
     predict_fn: Callable[[Any, Any], Any] | None = option(
         None, _callable, "predict_fn(model, batch) -> (predictions, labels) for evaluation"

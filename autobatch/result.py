@@ -246,7 +246,9 @@ class EvalReport:
         text: the same for people (sklearn's text report, or a few lines for a language model).
         accuracy: the share of correct predictions (of correctly predicted tokens for a language model:
             the next token for a causal LM).
-        batch_size: the evaluation batch size that fitted.
+        batch_size: the evaluation batch it ran with, after any back-off (the next evaluation starts from
+            it): a given ``eval_batch``, or the largest the memory model said fits after a measured first
+            batch, capped by the data.
         samples: the number of samples (sequences) scored.
         epoch: the training epoch after which it was taken (``None`` outside training).
         backoffs: the evaluation batch's out-of-memory back-offs (from, to).
@@ -255,6 +257,9 @@ class EvalReport:
         loss: a language model's mean token loss (cross-entropy, nats); ``None`` for a classification.
         perplexity: ``exp(loss)``; ``None`` for a classification.
         tokens: the labelled tokens scored; ``None`` for a classification.
+        nonfinite: outputs that were NaN or infinite: samples whose scored logits held one (a
+            classification), or tokens whose loss was one (a language model; the loss is then NaN or
+            infinite too). ``None`` where not counted: a ``predict_fn``'s predictions are its own.
     """
 
     report: dict[str, Any]
@@ -268,13 +273,20 @@ class EvalReport:
     loss: float | None = None
     perplexity: float | None = None
     tokens: int | None = None
+    nonfinite: int | None = None
 
     def headline(self) -> str:
-        """``'accuracy 0.9722'``, or ``'perplexity 12.34 · next-token accuracy 0.4120 · loss 2.5127'``."""
+        """``'accuracy 0.9722'``, or ``'perplexity 12.34 · next-token accuracy 0.4120 · loss 2.5127'``;
+        with ``' · NaN/inf outputs in 3 samples'`` (or tokens) after it when there were any."""
         if self.perplexity is None:
-            return f"accuracy {self.accuracy:.4f}"
-        what = "next-token accuracy" if self.kind == "causal_lm" else "token accuracy"
-        return f"perplexity {self.perplexity:.2f} · {what} {self.accuracy:.4f} · loss {self.loss:.4f}"
+            line = f"accuracy {self.accuracy:.4f}"
+        else:
+            what = "next-token accuracy" if self.kind == "causal_lm" else "token accuracy"
+            line = f"perplexity {self.perplexity:.2f} · {what} {self.accuracy:.4f} · loss {self.loss:.4f}"
+        if self.nonfinite:
+            unit = "token" if self.tokens is not None else "sample"
+            line += f" · NaN/inf outputs in {self.nonfinite:,} {unit}{'s' if self.nonfinite != 1 else ''}"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -285,6 +297,7 @@ class EvalReport:
             "loss": self.loss,
             "perplexity": self.perplexity,
             "tokens": self.tokens,
+            "nonfinite": self.nonfinite,
             "samples": self.samples,
             "batch_size": self.batch_size,
             "report": self.report,

@@ -24,6 +24,7 @@ from torch import nn
 from autobatch import distributed
 from autobatch.data import DataSource, as_source
 from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.evalcheck import check_eval_data
 from autobatch.memory import DeviceMemory, resolve_memory_limit
 from autobatch.metrics import eval_kind
 from autobatch.options import Options
@@ -333,12 +334,12 @@ def resolve(model: Any, data: Any, options: Options) -> Session:
         _check_fit(module, device, optimizer, options)
     limit = resolve_memory_limit(options.memory.memory_limit)
     world_size = distributed.expected_world_size()
+    kind = eval_kind(module, options.eval.eval_task, options.eval.predict_fn)
     with preserved_rng():  # reading samples must not draw from the generators of an augmenting dataset
         source = as_source(data)
         if options.step.step_fn is None:
             source.check_labelled()
-        eval_source = _eval_source(options)
-    kind = eval_kind(module, options.eval.eval_task, options.eval.predict_fn)
+        eval_source = _eval_source(options, kind)
     if eval_source is not None and options.eval.target_names is not None and kind.endswith("_lm"):
         raise UsageValueError(
             f"Expected no `target_names` for {type(module).__name__}, a language model (its evaluation "
@@ -395,13 +396,14 @@ def _check_fit(
         )
 
 
-def _eval_source(options: Options) -> DataSource | None:
+def _eval_source(options: Options, kind: str) -> DataSource | None:
     evaluation = options.eval
     if evaluation.eval_data is None:
         return None
     source = as_source(evaluation.eval_data, name="eval_data")
     if evaluation.predict_fn is None:
         source.check_labelled()
+    check_eval_data(source, kind)  # a few samples: what fails here would fail only after an epoch
     names = evaluation.target_names
     if names is not None and evaluation.predict_fn is None:
         largest = source.largest_label()

@@ -129,6 +129,7 @@ def summary(result: autobatch.FitResult) -> dict[str, Any]:
         "plan": result.plan.to_dict(),
         "final_plan": result.final_plan.to_dict(),
         "backoffs": list(result.backoffs),
+        "epochs": result.epochs,
         "steps": result.optimizer_steps,
         "samples": result.samples,
         "losses": result.losses,
@@ -212,11 +213,15 @@ def _outcome(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return {"error": None, **run()}
     except Exception as exc:
+        cause, trained = exc.__cause__, getattr(exc, "result", None)  # an EvaluationError's
         return {
             "error": type(exc).__name__,
             "message": str(exc),
             "partial": getattr(exc, "partial", None),
             "ranks": getattr(exc, "ranks", None),
+            "cause": None if cause is None else type(cause).__name__,
+            "cause_ranks": getattr(cause, "ranks", None),
+            "trained": None if trained is None else summary(trained),
         }
 
 

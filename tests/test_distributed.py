@@ -295,10 +295,7 @@ def test_optimizer_oom_after_a_partial_update_stops_every_rank(ranks: list[dict[
     assert torch.equal(second["after_weights"]["2.weight"], before["2.weight"])
 
 
-@pytest.mark.parametrize(
-    ("name", "own_error"),
-    [("error_forward", "ValueError"), ("error_data", "KeyError"), ("error_eval", "RuntimeError")],
-)
+@pytest.mark.parametrize(("name", "own_error"), [("error_forward", "ValueError"), ("error_data", "KeyError")])
 def test_an_error_on_one_rank_stops_every_rank(
     ranks: list[dict[str, Any]], name: str, own_error: str
 ) -> None:
@@ -306,6 +303,18 @@ def test_an_error_on_one_rank_stops_every_rank(
     assert second["error"] == own_error  # the failing rank raises its own error
     assert first["error"] == "PeerError" and first["ranks"] == [1]  # the other one says which rank failed
     assert own_error in first["message"]
+
+
+def test_an_evaluation_error_on_one_rank_gives_every_rank_the_trained_result(
+    ranks: list[dict[str, Any]],
+) -> None:
+    first, second = results(ranks, "error_eval")
+    assert first["error"] == second["error"] == "EvaluationError"
+    assert second["cause"] == "RuntimeError"  # the failing rank's own error, as __cause__
+    assert first["cause"] == "PeerError" and first["cause_ranks"] == [1]
+    for rank in (first, second):
+        assert "RuntimeError" in rank["message"] and "after epoch 1 failed" in rank["message"]
+        assert rank["trained"]["epochs"] == 1 and rank["trained"]["steps"] == 2  # 64 samples, 32 a step
 
 
 def test_ranks_with_datasets_of_different_lengths_are_refused_on_every_rank(

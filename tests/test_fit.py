@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import math
 import random
 import warnings
@@ -680,6 +681,121 @@ def test_eval_under_the_emulated_limit_backs_off() -> None:
     assert report.report == own_report(model, X_test, y_test)
 
 
+def test_evaluation_starts_from_a_batch_that_fits_without_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    # Inference holds no gradients or optimizer state: it fits more than the training micro-batch of 10,
+    # and the memory model, from one measured batch, says how much more without running out of memory.
+    caplog.set_level(logging.DEBUG, logger="autobatch")
+    model = mlp()
+    X_test, y_test = make_data(500, seed=9)
+    result = train(model, make_data(100), epochs=2, eval_data=(X_test, y_test), memory_limit=limit_for(10))
+    assert result.probe is not None and result.probe.micro_batch == 10
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in loud if "evaluation" in m], loud
+    first, last = result.evals
+    assert first.backoffs == [] and last.backoffs == []
+    assert 10 < first.batch_size < 500 and last.batch_size == first.batch_size
+    assert last.samples == 500 and last.report == own_report(model, X_test, y_test)
+
+
+def test_an_eval_batch_that_does_not_fit_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="autobatch")
+    result = train(
+        mlp(),
+        make_data(100),
+        epochs=2,
+        eval_data=make_data(400, seed=9),
+        eval_batch=400,
+        memory_limit=limit_for(10),
+    )
+    first, last = result.evals
+    assert first.backoffs and last.backoffs == []
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
+        f"eval_batch=400 does not fit: evaluation backed off to {first.batch_size}. Lower `eval_batch`, or "
+        "leave it out to start from what the memory model says fits."
+    ]
+    retries = [r.getMessage() for r in caplog.records if "evaluation ran out of memory" in r.getMessage()]
+    assert len(retries) == len(first.backoffs)  # each at debug level
+
+
+class NonFiniteAtEval(nn.Module):
+    """The MLP, whose outputs in eval mode are NaN where the first feature is above 0.5 and infinite below
+    -1 (training, in train mode, is clean)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            return out
+        out = out.masked_fill(x[:, :1] > 0.5, math.nan)
+        return out.masked_fill(x[:, :1] < -1, math.inf)
+
+
+def test_nan_and_infinite_outputs_are_counted_and_warned_about_once_per_evaluation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="autobatch")
+    X_test, y_test = make_data(60, seed=9)
+    expected = int(((X_test[:, 0] > 0.5) | (X_test[:, 0] < -1)).sum())
+    assert 0 < expected < 60
+    result = train(NonFiniteAtEval(), make_data(64), epochs=2, eval_data=(X_test, y_test), micro_batch=8)
+    for report in result.evals:
+        assert report.nonfinite == expected and report.samples == 60
+        assert report.headline().endswith(f" · NaN/inf outputs in {expected} samples")
+        assert f"NaN or infinite outputs in {expected} samples" in report.text
+        assert report.to_dict()["nonfinite"] == expected
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warned) == 2 and f"in {expected} samples" in warned[0]
+
+
+def test_an_evaluation_that_fails_after_training_keeps_the_trained_result() -> None:
+    def predict_fn(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise KeyError("the user's scoring failed")
+
+    model = mlp()
+    before = params(model)
+    with pytest.raises(
+        autobatch.EvaluationError,
+        match=r"^Training stopped after epoch 1 of 3 \(4 optimizer steps\), but the evaluation after epoch 1 "
+        r"failed: KeyError: .the user's scoring failed.\. .*`except autobatch\.EvaluationError as error: "
+        r"result = error\.result`",
+    ) as caught:
+        train(
+            model,
+            make_data(128),
+            epochs=3,
+            eval_data=make_data(40, seed=9),
+            predict_fn=predict_fn,
+            micro_batch=8,
+        )
+    error = caught.value
+    assert isinstance(error, autobatch.AutobatchError) and error.epoch == 0
+    assert isinstance(error.__cause__, KeyError)  # the original, never swallowed
+    result = error.result
+    assert isinstance(result, FitResult) and result.epochs == 1 and result.evals == []
+    assert result.optimizer_steps == 4 and len(result.losses) == 4 and result.samples == 128
+    assert result.plan.effective_batch == TARGET and result.seconds > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), "trained"
+
+
+def test_labels_the_setup_check_cannot_tell_fail_after_training_with_the_result() -> None:
+    # Integer multi-hot targets look like token labels until the model's outputs are seen.
+    X_test = make_data(40, seed=9)[0]
+    multi_hot = (torch.arange(40 * CLASSES).reshape(40, CLASSES) % 3 == 0).long()
+    with pytest.raises(
+        autobatch.EvaluationError, match=r"^Training finished \(1 epoch, 4 optimizer steps\)"
+    ) as caught:
+        train(mlp(), make_data(128), eval_data=(X_test, multi_hot), eval_batch=8, micro_batch=8)
+    cause = caught.value.__cause__
+    assert isinstance(cause, autobatch.UsageValueError)
+    assert "logits (8, 4) and labels (8, 4) (multilabel targets?)" in str(cause)
+    assert "predict_fn=" in str(cause)
+    assert caught.value.result.epochs == 1 and len(caught.value.result.losses) == 4
+
+
 # -- model kinds ------------------------------------------------------------------------------------
 
 
@@ -990,3 +1106,39 @@ def test_the_probed_micro_batch_trains_20_steps_through_the_allocator_without_an
     assert result.probe is not None and result.probe.limit_kind.endswith("CUDA's caching allocator)")
     assert result.plan.accumulation_steps > 1  # micro-batches of the probed size, accumulated
     assert result.optimizer_steps == 20 and result.backoffs == [] and result.skipped_steps == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("memory_limit", "precision"), [("1GiB", "fp32"), ("2GiB", "bf16"), (None, "fp16")])
+def test_cuda_evaluation_starts_from_a_batch_that_fits(
+    memory_limit: str | None, precision: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On real CUDA the memory model's line uses allocated bytes (the training's cached blocks are free for
+    inference): the evaluation batch is larger than the micro-batch and runs without a warning."""
+    caplog.set_level(logging.DEBUG, logger="autobatch")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8192, 1024, generator=g), torch.randint(0, 10, (8192,), generator=g)
+    X_test, y_test = torch.randn(30000, 1024, generator=g), torch.randint(0, 10, (30000,), generator=g)
+    model = nn.Sequential(
+        nn.Linear(1024, 8192), nn.ReLU(), nn.Linear(8192, 8192), nn.ReLU(), nn.Linear(8192, 10)
+    )
+    result = autobatch.fit(
+        model,
+        (X, y),
+        target_batch=4096,
+        epochs=2,
+        eval_data=(X_test, y_test),
+        memory_limit=memory_limit,
+        precision=precision,
+        device="cuda",
+        progress=False,
+        cache=False,
+    )
+    assert result.probe is not None
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in loud if "evaluation" in m], loud
+    first, last = result.evals
+    assert first.batch_size > result.probe.micro_batch or first.batch_size == 30000
+    assert last.backoffs == [] and last.samples == 30000

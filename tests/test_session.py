@@ -86,6 +86,30 @@ class Unlabelled(Augmenting):
         return super().__getitem__(i)[0]
 
 
+class Named(Augmenting):
+    """Augmenting pairs whose labels are class names: strings, which no classification report scores."""
+
+    def __getitem__(self, i: int) -> Any:
+        x, label = super().__getitem__(i)
+        return x, NAMES[label]
+
+
+class Records(Pairs):
+    """Dict samples with a `label` (singular) key, as a Hugging Face dataset has before its collator."""
+
+    def __getitem__(self, i: int) -> Any:
+        x, label = super().__getitem__(i)
+        return {"x": x, "label": label}
+
+
+def regression(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    return tensors(n)[0], torch.randn(n, generator=torch.Generator().manual_seed(3))
+
+
+def multi_hot(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    return tensors(n)[0], (torch.arange(n * CLASSES).reshape(n, CLASSES) % 2).float()
+
+
 # -- what a call may not change ---------------------------------------------------------------------
 
 
@@ -235,6 +259,8 @@ class Refusal:
 
 
 SHORT = {"target_names": NAMES[:2]}
+EVAL_LABELS = r"`eval_data` labels to be integer class indices .*classification evaluation.*but got "
+EVAL_FIXES = r"`predict_fn=lambda model, batch: \(predictions, labels\)`.*`eval_task=.*leave out `eval_data`"
 TARGET_NAMES_SHORT = r"`target_names`.*every class 0\.\.2 of `eval_data`.*2 names"
 ARRAYS = r"`{name}` as tensors \(X, y\).*a {kind} of \({types}\).*torch\.as_tensor"
 NOT_AVAILABLE = r"`device` is '{name}' but (no {name} device is available|CUDA is not available) here"
@@ -386,6 +412,39 @@ REFUSALS = [
         lambda s: fit_probing(s, loss_fn=s.loss_spy, eval_data=Pairs(30), **SHORT),
         UsageValueError,
         TARGET_NAMES_SHORT,
+    ),
+    # eval_data the evaluation cannot score: refused from a few samples, before training; no forward
+    Refusal(
+        "eval_data string labels",
+        lambda s: fit_mb(s, loss_fn=s.loss_spy, eval_data=Named(30)),
+        UsageTypeError,
+        EVAL_LABELS + r"strings \('a'\): map them to class indices.*`target_names`.*" + EVAL_FIXES,
+    ),
+    Refusal(
+        "eval_data regression targets",
+        lambda s: fit_probing(s, loss_fn=s.loss_spy, eval_data=regression()),
+        UsageTypeError,
+        EVAL_LABELS + r"float32 labels: regression targets.*`\.long\(\)`.*" + EVAL_FIXES,
+    ),
+    Refusal(
+        "eval_data multi-hot targets",
+        lambda s: fit_mb(s, loss_fn=s.loss_spy, eval_data=multi_hot()),
+        UsageTypeError,
+        EVAL_LABELS + r"float32 labels of shape \[3\] per sample, multi-hot: multilabel.*" + EVAL_FIXES,
+    ),
+    Refusal(
+        "eval_data dicts without labels",
+        lambda s: fit_mb(s, loss_fn=s.loss_spy, eval_data=Records(30)),
+        UsageValueError,
+        r"`eval_data` batches that are dicts to hold `labels` for the classification evaluation, but got "
+        r"keys \['label', 'x'\] \(rename `label` to `labels`.*" + EVAL_FIXES,
+    ),
+    Refusal(
+        "eval_data class labels for a language model",
+        lambda s: fit_mb(s, loss_fn=s.loss_spy, eval_data=tensors(30), eval_task="causal_lm"),
+        UsageTypeError,
+        r"`eval_data` labels for the causal_lm evaluation to be token ids \[batch, tokens\].*int64 labels, "
+        r"one per sample.*" + EVAL_FIXES,
     ),
     # seeds
     Refusal("seed=-1", lambda s: fit_mb(s, seed=-1), UsageValueError, r"`seed`.*\[0, 2\*\*63\).*-1"),
