@@ -9,7 +9,8 @@ nothing from the partial step is applied (the normalisation layers' running stat
 too), and no sample is lost or seen twice. The smaller size is measured, not guessed: the largest that
 the memory model says fits after what the failed micro-batch was measured to need
 (:mod:`autobatch.backoff`). After ``regrow_after`` clean steps the micro-batch grows back towards the
-probed size.
+probed size. Reading and collating a step's samples is host work, not device memory: a failure there is
+tried again and never backs the micro-batch off (:mod:`autobatch.reading`).
 
 BatchNorm models never get a micro-batch, nor a rank's share, of one sample (BatchNorm cannot train on
 one): a lone last sample of an epoch joins the step before it, and a chunk of one joins its neighbour.
@@ -20,16 +21,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from autobatch import distributed
 from autobatch._tree import batch_size_of
@@ -44,6 +41,7 @@ from autobatch.errors import (
 )
 from autobatch.footprint import model_state
 from autobatch.planner import Plan, plan
+from autobatch.progress import batch_label, epoch_bar
 from autobatch.reading import StepReader, collate_pieces
 from autobatch.result import Backoff
 from autobatch.session import Session
@@ -51,7 +49,7 @@ from autobatch.step import Stepper, batchnorm_layers
 from autobatch.transaction import StepOutcome, run_step
 from autobatch.units import format_bytes
 
-__all__ = ["NONFINITE_STREAK", "NumItemsFn", "TrainLoop", "batch_label", "warn_batchnorm"]
+__all__ = ["NONFINITE_STREAK", "NumItemsFn", "TrainLoop", "warn_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
@@ -379,15 +377,7 @@ class TrainLoop:
         started = time.perf_counter()
         samples = 0
         progress = train.progress if session.is_main else False
-        with tqdm(
-            total=len(steps),
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            disable=None if progress is None else not progress,
-            leave=True,
-            file=sys.stderr,
-            **_bar_shape(sys.stderr),
-        ) as bar:
+        with epoch_bar(len(steps), f"epoch {epoch + 1}/{epochs}", progress) as bar:
             reader = StepReader(session.source, [step for step in steps if step])
             for index, (step, size) in enumerate(zip(steps, sizes, strict=True)):
                 data, failure = None, None
@@ -410,42 +400,6 @@ class TrainLoop:
                         refresh=False,
                     )
         return losses
-
-
-def batch_label(current: Plan) -> str:
-    """The plan as the progress bar shows it: the micro-batches a step runs, and the batch they make.
-
-    Example:
-        >>> batch_label(plan(19, 64)), batch_label(plan(12, 32)), batch_label(plan(5, 39))
-        ('16×4=64', '11+11+10=32', '5×7+4=39')
-        >>> batch_label(plan(8, 32, world_size=2))
-        '(8×2)×2 ranks=32'
-    """
-    sizes = current.chunks.sizes()
-    if len(sizes) == 1:
-        split = f"{sizes[0][0]}×{sizes[0][1]}"
-    elif current.accumulation_steps <= 4:
-        split = "+".join(str(size) for size in current.chunks)
-    else:
-        split = "+".join(f"{size}×{n}" if n > 1 else str(size) for size, n in sizes)
-    if current.world_size > 1:
-        split = f"({split})×{current.world_size} ranks"
-    return f"{split}={current.effective_batch}"
-
-
-def _bar_shape(stream: Any) -> dict[str, int]:
-    """tqdm's ``ncols`` and ``nrows`` where the terminal reports a size of 0 (a pty nobody sized, as some CI
-    runners and containers give): tqdm would draw nothing there and print blank lines. ``{}`` elsewhere:
-    tqdm asks the terminal itself."""
-    try:
-        size = os.get_terminal_size(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return {}
-    if size.columns > 0 and size.lines > 0:
-        return {}
-    fallback = shutil.get_terminal_size()  # $COLUMNS and $LINES, else 80×24 where the terminal says 0
-    # tqdm leaves the last column and row free, as it does with the sizes it reads itself.
-    return {"ncols": (size.columns or fallback.columns) - 1, "nrows": (size.lines or fallback.lines) - 1}
 
 
 def warn_batchnorm(model: torch.nn.Module, current: Plan) -> None:

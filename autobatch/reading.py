@@ -22,7 +22,15 @@ from typing import Any, TypeVar
 from autobatch.data import DataSource, StepData
 from autobatch.oom import release_memory
 
-__all__ = ["READ_RETRIES", "RETRY_PAUSE_S", "StepReader", "add_note", "collate_pieces", "describe_indices"]
+__all__ = [
+    "READ_RETRIES",
+    "RETRY_PAUSE_S",
+    "StepReader",
+    "add_note",
+    "collate_pieces",
+    "describe_indices",
+    "retried",
+]
 
 logger = logging.getLogger(__name__)
 
