@@ -276,15 +276,15 @@ class TrainLoop:
 
     def _recollated(self, data: StepData, start: int, stop: int) -> Any | None:
         """The micro-batch that ran out of memory, collated again to measure it; ``None`` when that fails:
-        the step is then redone at half the size, and collates the same samples again (a failure that
-        lasts stops every rank there)."""
+        the back-off then goes by the error's own figures, or halves, and the redone step collates the same
+        samples again (a failure that lasts stops every rank there)."""
         failure = None
         try:
             return collate_pieces(data, [(start, stop)], self._where())[0]
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
         logger.warning(
-            "could not collate the micro-batch that ran out of memory again (%s); halving it", failure
+            "could not collate the micro-batch that ran out of memory again to measure it (%s)", failure
         )
         return None
 
