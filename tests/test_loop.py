@@ -609,3 +609,39 @@ def test_num_items_that_is_not_a_number_is_refused() -> None:
     loop = make_loop(TokenTagger(), token_data(), [], micro=8, loss_fn=token_loss, num_items=lambda b: b[-1])
     with pytest.raises(TypeError, match=r"`num_items` to return a number .* tensor of shape \(8, 12\)"):
         first_step(loop)
+
+
+class CollateFailingOnCalls:
+    """The default collate, raising on the chosen calls (1-based)."""
+
+    def __init__(self, fail_on: set[int]) -> None:
+        self.fail_on, self.calls = fail_on, 0
+
+    def __call__(self, samples: list[Any]) -> Any:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"injected in collate_fn at call {self.calls}")
+        return torch.utils.data.default_collate(samples)
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_back_off_whose_failed_micro_batch_cannot_be_collated_again_still_redoes_the_step() -> None:
+    """Collated again only to be measured: when that fails, the back-off goes unmeasured (it halves)."""
+    model = mlp()
+    X, y = classification_data()
+    expected = full_batch_grads(model, (X[:32], y[:32]), F.cross_entropy)
+    dataset = torch.utils.data.TensorDataset(X, y)
+    # Calls 1-3 collate 11+11+10; micro-step 2 runs out of memory; calls 4-7 (the failed micro-batch,
+    # collated again to measure it, and its retries) fail; the redo at 6 collates from call 8.
+    collate = CollateFailingOnCalls({4, 5, 6, 7})
+    captured: list[list[torch.Tensor]] = []
+    optimizer = capturing_sgd(model, captured)
+    data = torch.utils.data.DataLoader(dataset, collate_fn=collate)
+    session = session_for(model, data, optimizer=optimizer, micro_batch=12)
+    loop = TrainLoop(session, FailingStepper(model, optimizer, session.memory, "fp32", fail_on={2}), 12)
+
+    first_step(loop)
+
+    assert loop.backoffs == [Backoff(epoch=0, step=0, from_micro=12, to_micro=6)]
+    assert collate.calls == 7 + 6 and len(captured) == 1
+    assert max_relative_error(captured[0], expected) < 1e-6
