@@ -12,6 +12,7 @@ samples without reading them again.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -48,10 +49,15 @@ def default_size(sample: Any) -> float:
 
 
 class StepData:
-    """The samples of one optimizer step, read once; micro-batches are collated from them on demand."""
+    """The samples of one optimizer step, read once; micro-batches are collated from them on demand.
 
-    def __init__(self, source: DataSource, samples: Any, count: int) -> None:
-        self.source, self.samples, self.count = source, samples, count
+    ``indices`` are the samples' indices in the dataset, where known (what an error names).
+    """
+
+    def __init__(
+        self, source: DataSource, samples: Any, count: int, indices: Sequence[int] | None = None
+    ) -> None:
+        self.source, self.samples, self.count, self.indices = source, samples, count, indices
 
     def __len__(self) -> int:
         return self.count
@@ -128,8 +134,8 @@ class DataSource:
         """Read the samples at ``indices`` (tensors are indexed at once)."""
         if self._tensors is not None:
             idx = torch.as_tensor(indices, dtype=torch.long)
-            return StepData(self, tuple(t[idx] for t in self._tensors), len(indices))
-        return StepData(self, [self.dataset[i] for i in indices], len(indices))
+            return StepData(self, tuple(t[idx] for t in self._tensors), len(indices), indices)
+        return StepData(self, [self.dataset[i] for i in indices], len(indices), indices)
 
     def batch(self, indices: Sequence[int]) -> Any:
         """Collate the samples at ``indices`` into one batch."""
@@ -203,7 +209,10 @@ class DataSource:
                 SIZE_SCAN_LIMIT,
                 self.length,
             )
-        sizes = {i: float(fn(self.dataset[i])) for i in candidates}
+        if size_fn is None:
+            sizes = {i: default_size(self.dataset[i]) for i in candidates}
+        else:
+            sizes = {i: _size_of(size_fn, self.dataset[i], i) for i in candidates}
         order = sorted(candidates, key=lambda i: -sizes[i])
         self._order_by_size[fn] = (order, [sizes[i] for i in order])
         return self._order_by_size[fn]
@@ -240,7 +249,34 @@ class DataSource:
         loader = DataLoader(
             self.dataset, batch_sampler=_StepSampler(steps), collate_fn=_as_list, **self.loader_kwargs
         )
-        return (StepData(self, samples, len(samples)) for samples in loader)
+        return (
+            StepData(self, samples, len(samples), indices)
+            for indices, samples in zip(steps, loader, strict=False)
+        )
+
+
+def _size_of(size_fn: SizeFn, sample: Any, index: int) -> float:
+    """``size_fn(sample)`` as a float; anything but a finite number is refused, naming ``size_fn``."""
+    size = size_fn(sample)
+    number: float | None = None
+    if not isinstance(size, (str, bytes)):
+        try:
+            number = float(size)  # ints, floats, numpy scalars, one-element tensors
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+    fix = "Return the sample's size as a number, e.g. size_fn=lambda sample: len(sample[0])."
+    if number is None:
+        got = f"a tensor of shape {tuple(size.shape)}" if isinstance(size, torch.Tensor) else repr(size)
+        raise UsageTypeError(
+            f"Expected `size_fn` to return a number for each sample (its size, e.g. its length), but it "
+            f"returned {got} ({type(size).__name__}) for sample {index}. {fix}"
+        )
+    if not math.isfinite(number):
+        raise UsageValueError(
+            f"Expected `size_fn` to return a finite number for each sample, but it returned {number} for "
+            f"sample {index}. {fix}"
+        )
+    return number
 
 
 def _label_of(sample: Any) -> Any:

@@ -9,7 +9,8 @@ nothing from the partial step is applied (the normalisation layers' running stat
 too), and no sample is lost or seen twice. The smaller size is measured, not guessed: the largest that
 the memory model says fits after what the failed micro-batch was measured to need
 (:mod:`autobatch.backoff`). After ``regrow_after`` clean steps the micro-batch grows back towards the
-probed size.
+probed size. Reading and collating a step's samples is host work, not device memory: a failure there is
+tried again and never backs the micro-batch off (:mod:`autobatch.reading`).
 
 BatchNorm models never get a micro-batch, nor a rank's share, of one sample (BatchNorm cannot train on
 one): a lone last sample of an epoch joins the step before it, and a chunk of one joins its neighbour.
@@ -26,15 +27,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from autobatch import distributed
 from autobatch._tree import batch_size_of
 from autobatch.backoff import largest_fitting, peak_without_limit
 from autobatch.data import StepData
-from autobatch.errors import NoBatchFitsError, NonFiniteLossError, OptimizerStepError, UsageValueError
+from autobatch.errors import (
+    NoBatchFitsError,
+    NonFiniteLossError,
+    OptimizerStepError,
+    UsageTypeError,
+    UsageValueError,
+)
 from autobatch.footprint import model_state
 from autobatch.planner import Plan, plan
+from autobatch.progress import batch_label, epoch_bar
+from autobatch.reading import StepReader, collate_pieces
 from autobatch.result import Backoff
 from autobatch.session import Session
 from autobatch.step import Stepper, batchnorm_layers
@@ -122,40 +130,79 @@ class TrainLoop:
 
     @property
     def plan(self) -> Plan:
-        """The plan in force now."""
-        return plan(self.micro, self.target_batch, self.world_size)
+        """The plan in force now (the chunks a full step runs)."""
+        return plan(self.micro, self.target_batch, self.world_size, min_chunk=self.floor)
+
+    def _where(self) -> str:
+        """The step under way, for messages: ``epoch 1, step 3`` (and the rank, under a group)."""
+        rank = f", rank {self.group.rank}" if self.group is not None else ""
+        return f"epoch {self._epoch + 1}, step {self.steps + 1}{rank}"
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def _weights(self, parts: list[Any], samples: int, items: float | None) -> list[float]:
-        """Each micro-loss's share of the whole (global) step: its samples, or its items."""
-        if self.num_items is None or items is None:
-            return [batch_size_of(p) / samples for p in parts]
-        return [float(self.num_items(p)) / items for p in parts]
-
-    def _counted(
-        self, collate: Callable[[int], list[Any]], micro: int, failure: BaseException | None
-    ) -> tuple[list[Any], float]:
-        """The step's micro-batches of ``micro`` and their items (e.g. non-padding tokens) over all ranks.
-
-        Counted on the micro-batches themselves, so that the weights add up to one whatever collation
-        does to them; a failure to collate or count is agreed on by every rank.
-        """
+    def _count(self, part: Any) -> float:
+        """``num_items(part)`` as a float: a finite count ≥ 0, or a usage error naming the step."""
         assert self.num_items is not None
-        items, parts = 0.0, []
+        value = self.num_items(part)
         try:
-            if failure is None:
-                parts = collate(micro)
-                items = math.fsum(float(self.num_items(part)) for part in parts)
-        except Exception as exc:
-            failure = exc
-        distributed.agree(self.group, failure, "counting num_items")
-        if self.group is not None:
+            count = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            got = (
+                f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+            )
+            raise UsageTypeError(
+                f"Expected `num_items` to return a number (or a one-element tensor) for each micro-batch, "
+                f"but it returned {got} ({type(value).__name__}) in {self._where()}."
+            ) from None
+        if not math.isfinite(count) or count < 0:
+            raise UsageValueError(
+                f"Expected `num_items` to return a finite count ≥ 0 for each micro-batch, but it returned "
+                f"{count} for a micro-batch of {batch_size_of(part)} samples in {self._where()}. Each "
+                "micro-loss is weighted by its count over the step's: one NaN or infinite count makes "
+                "every weight NaN, and the step would be skipped as if the loss had diverged."
+            )
+        return count
+
+    def _weights(self, parts: list[Any], samples: int, counts: list[float] | None) -> list[float]:
+        """Each micro-loss's share of the whole (global) step: its samples, or its items (``counts``)."""
+        if counts is None:
+            return [batch_size_of(p) / samples for p in parts]
+        items = math.fsum(counts)
+        if self.group is not None:  # every rank takes part, also one with nothing to count
             items = self.group.sum([items])[0]
         if items <= 0:
             raise UsageValueError(
-                f"Expected `num_items` to count at least one item in a step, but it counted {items}."
+                f"Expected `num_items` to count at least one item in a step, but it counted {items} in "
+                f"{self._where()}."
             )
-        return parts, items
+        return [count / items for count in counts]
+
+    def _prepared(
+        self, data: StepData | None, micro: int, samples: int, failure: BaseException | None
+    ) -> Callable[[], list[tuple[Any, float]]]:
+        """The step's micro-batches of ``micro`` with their weights, agreed on by every rank; the returned
+        function hands them over once, so that the step holds the only reference to them.
+
+        Collating and counting are host work: a failure there (or ``failure``, from reading the step) is
+        no out-of-memory of the step, whatever it is, and is agreed on before the step begins: the rank
+        that failed raises it, the others :class:`~autobatch.errors.PeerError`.
+        """
+        parts: list[Any] = []
+        counts: list[float] | None = None
+        if failure is None and data is not None and len(data):
+            n = len(data)
+            try:
+                parts = collate_pieces(data, _chunk_bounds(micro, n, min(self.floor, n)), self._where())
+                if self.num_items is not None:
+                    counts = [self._count(part) for part in parts]
+            except Exception as exc:
+                failure = exc
+        where = f"preparing the micro-batches of step {self.steps + 1} (epoch {self._epoch + 1})"
+        distributed.agree(self.group, failure, where)
+        if self.num_items is not None and counts is None:
+            counts = []  # this rank has no share of the step: it counts nothing, but sums with the others
+        handed = [list(zip(parts, self._weights(parts, samples, counts), strict=True))]
+        del parts
+        return handed.pop
 
     def optimizer_step(
         self, data: StepData | None, samples: int, failure: BaseException | None = None
@@ -170,32 +217,15 @@ class TrainLoop:
         Returns:
             The step's loss over every rank (NaN or infinite for a skipped non-finite step).
         """
-        n = len(data) if data is not None else 0
         # Every rank starts from the same micro-batch, so that all back off alike.
         first = micro = min(self.micro, max(1, -(-samples // self.world_size)))
-
-        def collate(size: int) -> list[Any]:
-            if data is None or n == 0:
-                return []
-            return data.pieces(_chunk_bounds(size, n, min(self.floor, n)))
-
-        def pieces(parts: list[Any] | None, items: float | None) -> list[tuple[Any, float]]:
-            if failure is not None:
-                raise failure  # agreed on by every rank inside the step
-            parts = collate(micro) if parts is None else parts
-            return list(zip(parts, self._weights(parts, samples, items), strict=True))
-
         while True:
-            parts, items = None, None
-            if self.num_items is not None:  # the items of the micro-batches this attempt runs
-                parts, items = self._counted(collate, micro, failure)
             outcome = run_step(
                 self.stepper,
-                functools.partial(pieces, parts, items),
+                self._prepared(data, micro, samples, failure),
                 group=self.group,
                 ddp=self.session.ddp,
             )
-            del parts
             if outcome.fitted:
                 break
             if outcome.phase == "optimizer step":
@@ -229,8 +259,10 @@ class TrainLoop:
             if data is not None and outcome.failed_piece is not None and outcome.failed_piece < len(bounds):
                 start, stop = bounds[outcome.failed_piece]
                 failed = stop - start  # the chunk that failed, which may be below micro
-                if self._measurable:
-                    need = peak_without_limit(self.stepper, data.collate(start, stop), self.session.memory)
+                batch = self._recollated(data, start, stop) if self._measurable else None
+                if batch is not None:
+                    need = peak_without_limit(self.stepper, batch, self.session.memory)
+                del batch
             need = need if need is not None else outcome.demand_bytes
             state = model_state(self.stepper.model, self.stepper.optimizer)
             if need is not None and state.estimated:  # before the first update: at steady state Adam's
@@ -241,6 +273,20 @@ class TrainLoop:
         if self.group is not None:
             size = int(self.group.min([size])[0])
         return max(self.floor, min(size, micro - 1)), need
+
+    def _recollated(self, data: StepData, start: int, stop: int) -> Any | None:
+        """The micro-batch that ran out of memory, collated again to measure it; ``None`` when that fails:
+        the back-off then goes by the error's own figures, or halves, and the redone step collates the same
+        samples again (a failure that lasts stops every rank there)."""
+        failure = None
+        try:
+            return collate_pieces(data, [(start, stop)], self._where())[0]
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "could not collate the micro-batch that ran out of memory again to measure it (%s)", failure
+        )
+        return None
 
     def _finish(self, outcome: StepOutcome, samples: int) -> None:
         self.steps += 1
@@ -331,28 +377,23 @@ class TrainLoop:
         started = time.perf_counter()
         samples = 0
         progress = train.progress if session.is_main else False
-        with tqdm(
-            total=len(steps),
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            disable=None if progress is None else not progress,
-            leave=True,
-        ) as bar:
-            batches = session.source.loader([step for step in steps if step])
+        with epoch_bar(len(steps), f"epoch {epoch + 1}/{epochs}", progress) as bar:
+            reader = StepReader(session.source, [step for step in steps if step])
             for index, (step, size) in enumerate(zip(steps, sizes, strict=True)):
                 data, failure = None, None
-                try:
-                    data = next(batches) if step else None
-                except Exception as exc:  # a failing dataset on one rank must stop every rank
-                    failure = exc
+                if step:
+                    try:
+                        data = reader.read(self._where())
+                    except Exception as exc:  # a failing dataset on one rank must stop every rank
+                        failure = exc
                 losses.append(self.optimizer_step(data, size, failure))
+                del data
                 samples += size
                 bar.update(1)
                 if not bar.disable and (index % 10 == 0 or index == len(steps) - 1):
-                    current = self.plan
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(
-                        batch=f"{current.micro_batch}×{current.accumulation_steps}={current.effective_batch}",
+                        batch=batch_label(self.plan),
                         loss=f"{losses[-1]:.4f}",
                         samples_s=f"{samples / elapsed:,.0f}",
                         oom=len(self.backoffs),

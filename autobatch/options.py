@@ -25,6 +25,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.threads import available_cores
 from autobatch.units import parse_memory_limit
 from autobatch.validate import (
     check_bool,
@@ -246,6 +247,12 @@ def _check_threads(value: Any, name: str) -> int | str:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageValueError(f"Expected `{name}` to be 'auto' or a positive int, but got {value!r}.")
+    cores = available_cores()
+    if value > cores:  # more threads than cores only wait for each other; a thousand exhaust memory
+        raise UsageValueError(
+            f"Expected `{name}` to be 'auto' or at most the {cores} CPU core{'s' if cores != 1 else ''} "
+            f"this process may use, but got {value}."
+        )
     return value
 
 

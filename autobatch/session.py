@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from autobatch import distributed
 from autobatch.data import DataSource, as_source
@@ -269,6 +270,16 @@ def _check_model(model: Any) -> tuple[nn.Module, Any]:
     if not isinstance(model, nn.Module):
         raise UsageTypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     module, ddp = distributed.unwrap(model)
+    lazy = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if is_lazy(t)]
+    if lazy:  # refused, not materialised here: a forward would change the model a refused call must not
+        shown = ", ".join(lazy[:4]) + (f" and {len(lazy) - 4} more" if len(lazy) > 4 else "")
+        raise UsageValueError(
+            f"Expected `model` to have initialised parameters, but {type(module).__name__} has lazy modules "
+            f"whose parameters are not initialised yet ({shown}): their shapes, and so the memory a step "
+            "takes, are known only after a first forward. Run one forward on a sample first, on the device "
+            "it trains on: model(sample), e.g. model(X[:2]) for tensors (X, y); then build its optimizer, "
+            "as torch documents for lazy modules."
+        )
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         raise UsageValueError(
             f"Expected `model` to hold its weights, but {type(module).__name__} has parameters on the meta "

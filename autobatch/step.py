@@ -242,9 +242,7 @@ class Stepper:
         batch = self.memory.transfer(batch)
         with self.autocast():
             loss = compute_loss(self.forward_module, batch, self.loss_fn, self.step_fn)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise UsageValueError(f"Expected the loss to be a scalar tensor, but got {shape}.")
+        self._check_loss(loss)
         self.scaler.scale(loss * weight).backward()
         loss = loss.detach()
         # Summed here, inside the region the probe measures, so that the loop holds no device tensor
@@ -254,6 +252,30 @@ class Stepper:
         else:
             self._loss.add_(loss, alpha=weight)
         return loss
+
+    def _check_loss(self, loss: Any) -> None:
+        """Refuse a loss that cannot be backpropagated, naming where it came from and what it was."""
+        source = "the loss"
+        if self.step_fn is not None or self.loss_fn is not None:
+            source = "`step_fn`" if self.step_fn is not None else "`loss_fn`"
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+            raise UsageValueError(
+                f"Expected {source} to return the loss as a scalar tensor, but it returned {got} "
+                f"({type(loss).__name__})."
+            )
+        if not (loss.is_floating_point() or loss.is_complex()):
+            raise UsageTypeError(
+                f"Expected {source} to return a floating-point loss (it is backpropagated), but it returned "
+                f"{loss!r}, of dtype {loss.dtype}. Return the loss computed from the model's outputs, e.g. "
+                "torch.nn.functional.cross_entropy(model(x), y), not a count or an argmax."
+            )
+        if not loss.requires_grad:
+            raise UsageValueError(
+                f"Expected {source} to return a loss that depends on the model's trainable parameters, but "
+                f"it returned {loss!r}, which does not require grad (computed under torch.no_grad(), "
+                "detached, or made from .item()?)."
+            )
 
     def save_statistics(self) -> list[torch.Tensor]:
         """Copies of the normalisation layers' running statistics, on the device (no sync)."""

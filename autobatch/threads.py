@@ -6,7 +6,11 @@ loaded one (a second process busy on the other core, as in CI) two threads make 
 slower — OpenMP's threads wait for each other at every operation. So on the CPU ``cpu_threads="auto"``
 runs probe and training on one thread, unless you chose a number yourself: ``OMP_NUM_THREADS`` or
 ``MKL_NUM_THREADS`` in the environment, a ``torch.set_num_threads`` call with another value than torch's
-default, or ``cpu_threads=N``. The previous setting is restored when the call returns.
+default, or ``cpu_threads=N``, at most the cores this process may run on (:func:`available_cores`: more
+threads only wait for each other, and a thousand of them can exhaust the address space). The previous
+setting is restored when the call returns.
+
+Imports torch only when it runs: :mod:`autobatch.options` checks ``cpu_threads`` before torch is loaded.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["chosen_by_user", "cpu_threads"]
+__all__ = ["available_cores", "chosen_by_user", "cpu_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +49,18 @@ def _default_counts() -> set[int]:
     return counts
 
 
+def available_cores() -> int:
+    """The logical CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
 def chosen_by_user() -> bool:
     """Whether the thread count is one the user set (environment, or ``torch.set_num_threads``)."""
+    import torch
+
     if any(os.environ.get(name) for name in _ENV):
         return True
     return torch.get_num_threads() not in _default_counts()
@@ -53,6 +69,8 @@ def chosen_by_user() -> bool:
 @contextlib.contextmanager
 def cpu_threads(setting: int | str, device: torch.device) -> Iterator[int | None]:
     """Run the block with the policy's thread count on the CPU; yields it (``None`` off the CPU)."""
+    import torch
+
     if device.type != "cpu":
         yield None
         return

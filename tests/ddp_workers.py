@@ -222,6 +222,7 @@ def _outcome(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             "cause": None if cause is None else type(cause).__name__,
             "cause_ranks": getattr(cause, "ranks", None),
             "trained": None if trained is None else summary(trained),
+            "notes": list(getattr(exc, "__notes__", [])),
         }
 
 
@@ -298,6 +299,37 @@ class FailingIndexed(Indexed):
         if i == self.bad:
             raise KeyError(f"sample {i} is corrupt")
         return super().__getitem__(i)
+
+
+class FlakyIndexed(Indexed):
+    """:class:`Indexed`, whose sample ``bad`` runs out of memory its first ``failures`` reads."""
+
+    def __init__(self, n: int, bad: int, failures: int) -> None:
+        super().__init__(n)
+        self.bad, self.failures = bad, failures
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == self.bad and self.failures > 0:
+            self.failures -= 1
+            raise torch.OutOfMemoryError(f"injected: reading sample {i}")
+        return super().__getitem__(i)
+
+
+def fit_flaky_data(rank: int, failures: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` while reading sample 50 (rank 1's share of the second step, unshuffled) runs out of memory
+    ``failures`` times on rank 1 only."""
+    model, seen = mlp(), []
+    data = FlakyIndexed(n, bad=50, failures=failures if rank == 1 else 0)
+    step_fn = record_ids(seen)
+    return _outcome(
+        lambda: {
+            **summary(
+                autobatch.fit(model, data, optimizer=sgd(model), step_fn=step_fn, **fit_options(**options))
+            ),
+            "weights": weights(model),
+            "seen": seen,
+        }
+    )
 
 
 def fit_error_on_rank(rank: int, where: str, n: int, **options: Any) -> dict[str, Any]:
@@ -391,6 +423,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
         fit_oom_on_rank,
         fit_optimizer_oom,
         fit_error_on_rank,
+        fit_flaky_data,
         fit_lengths,
         fit_batchnorm_sizes,
         fit_error,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -337,3 +338,23 @@ def test_there_is_no_mixed_case_where_no_sample_would_be_padded() -> None:
     varied = as_source(DataLoader(SequenceDataset(10, min_len=2, max_len=9), collate_fn=pad_collate))
     assert varied.mixed_case(1) is None  # one sample: nothing to pad it against
     assert varied.mixed_case(2) is not None
+
+
+@pytest.mark.parametrize(
+    ("size", "error", "got"),
+    [("12", TypeError, "'12' (str)"), (torch.ones(3), TypeError, "a tensor of shape (3,) (Tensor)"),
+     (float("nan"), ValueError, "nan")],
+    ids=["str", "tensor", "nan"],
+)  # fmt: skip
+def test_a_size_fn_that_returns_no_number_is_refused_naming_it(size: Any, error: type, got: str) -> None:
+    source = as_source([(torch.zeros(n), 0) for n in (3, 7, 1)])
+    with pytest.raises(error) as caught:
+        source.largest_first(lambda sample: size)
+    message = str(caught.value)
+    assert "Expected `size_fn` to return a" in message and f"returned {got} for sample 0" in message
+
+
+@pytest.mark.parametrize("size", [7, 7.5, np.float32(7.0), torch.tensor(7), torch.tensor([7.0])])
+def test_a_size_fn_may_return_any_kind_of_number(size: Any) -> None:
+    source = as_source([(torch.zeros(n), 0) for n in (3, 7, 1)])
+    assert source.largest_first(lambda sample: size) == [0, 1, 2]  # all equal: dataset order

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,32 @@ def test_the_demo_runs_on_one_cpu_thread_in_a_users_environment(user_env: dict[s
 @pytest.mark.slow
 def test_a_thread_count_the_user_chose_is_kept(user_env: dict[str, str]) -> None:
     assert _demo_threads(user_env, OMP_NUM_THREADS="2") == 2
+
+
+def test_the_demo_shows_the_probe_and_the_plan_before_it_trains(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In the README's order: the probe, the plan and what BatchNorm means, then training, then the report."""
+    from autobatch.loop import TrainLoop
+
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    train = TrainLoop.run_epoch
+
+    def run_epoch(self: TrainLoop, epoch: int, epochs: int) -> list[float]:
+        print(f"<<training epoch {epoch + 1}>>")  # where training begins, among the demo's output
+        return train(self, epoch, epochs)
+
+    monkeypatch.setattr(TrainLoop, "run_epoch", run_epoch)
+    assert main(["demo", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    stages = [
+        "autobatch probe",  # the probe's trials
+        "(largest fitting ",  # its verdict
+        "plan: ",
+        "About BatchNorm",
+        "<<training epoch 1>>",
+        "autobatch fit",  # the summary of training
+        "held-out classification report",
+    ]
+    assert all(stage in out for stage in stages), out
+    assert [out.index(stage) for stage in stages] == sorted(out.index(stage) for stage in stages), out

@@ -94,6 +94,15 @@ def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
         ),
         "error_eval": ("fit_error_on_rank", {"where": "eval", "n": 64, "target_batch": 32, "micro_batch": 8}),
         "lengths": ("fit_lengths", {"lengths": [96, 97], "target_batch": 32, "micro_batch": 8}),
+        # Reading a sample of rank 1's share runs out of memory (host-side): once, or every time.
+        "data_oom_once": (
+            "fit_flaky_data",
+            {"failures": 1, "n": 96, "target_batch": 32, "micro_batch": 8, "shuffle": False},
+        ),
+        "data_oom_always": (
+            "fit_flaky_data",
+            {"failures": 100, "n": 96, "target_batch": 32, "micro_batch": 8, "shuffle": False},
+        ),
         # BatchNorm: a last step of 3 samples (35 = 32 + 3) at micro-batch 2, and a lone last sample (65).
         "bn_three": (
             "fit_batchnorm_sizes",
@@ -315,6 +324,32 @@ def test_an_evaluation_error_on_one_rank_gives_every_rank_the_trained_result(
     for rank in (first, second):
         assert "RuntimeError" in rank["message"] and "after epoch 1 failed" in rank["message"]
         assert rank["trained"]["epochs"] == 1 and rank["trained"]["steps"] == 2  # 64 samples, 32 a step
+
+
+def test_a_read_that_runs_out_of_memory_once_on_one_rank_is_retried_there(
+    ranks: list[dict[str, Any]],
+) -> None:
+    _, expected = reference(
+        w.Indexed(96), step_fn=w.record_ids([]), target_batch=32, micro_batch=8, shuffle=False
+    )
+    first, second = results(ranks, "data_oom_once")
+    for rank in (first, second):
+        assert rank["error"] is None and rank["backoffs"] == []  # host memory: no back-off
+        assert (rank["steps"], rank["samples"]) == (3, 96)
+        assert_same_weights(rank["weights"], expected)
+    assert sorted(first["seen"] + second["seen"]) == list(range(96))  # every sample once
+
+
+def test_a_read_that_keeps_failing_on_one_rank_stops_every_rank_with_the_right_errors(
+    ranks: list[dict[str, Any]],
+) -> None:
+    first, second = results(ranks, "data_oom_always")
+    assert second["error"] == "OutOfMemoryError"  # the failing rank: the user's own error, not a back-off
+    (note,) = second["notes"]
+    assert "epoch 1, step 2, rank 1" in note and f"reading samples {list(range(48, 64))}" in note
+    assert first["error"] == "PeerError" and first["ranks"] == [1]
+    assert "Rank 1 failed preparing the micro-batches of step 2 (epoch 1)" in first["message"]
+    assert "OutOfMemoryError: injected: reading sample 50" in first["message"]
 
 
 def test_ranks_with_datasets_of_different_lengths_are_refused_on_every_rank(

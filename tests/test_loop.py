@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autobatch import reading
 from autobatch.errors import NoBatchFitsError
 from autobatch.loop import TrainLoop, epoch_steps, warn_batchnorm
 from autobatch.options import Options
@@ -178,7 +179,7 @@ def test_naive_weighting_would_not_match_for_uneven_chunks(monkeypatch: pytest.M
     expected = full_batch_grads(model, host, F.cross_entropy)
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=12)
-    monkeypatch.setattr(loop, "_weights", lambda parts, samples, items: [1 / len(parts)] * len(parts))
+    monkeypatch.setattr(loop, "_weights", lambda parts, samples, counts: [1 / len(parts)] * len(parts))
 
     first_step(loop)
 
@@ -443,3 +444,204 @@ def test_num_items_counts_the_micro_batches_as_collated() -> None:
     assert len(stepper.weights) == 4 and sum(stepper.weights) == pytest.approx(1.0, abs=1e-12)
     widths = [pad_collate([dataset[i] for i in range(a, a + 8)])[0].numel() for a in range(0, 32, 8)]
     assert stepper.weights == pytest.approx([w / sum(widths) for w in widths])
+
+
+# -- host-side data loading: retried, never backed off ---------------------------------------------
+
+
+class IndexedSamples(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``(x, y, index)`` samples; reading sample ``bad`` raises ``error`` its first ``failures`` times.
+
+    The reads are counted in a file, so that a DataLoader's worker processes count them too.
+    """
+
+    def __init__(self, n: int, bad: int, failures: int, error: Callable[[], Exception], log: Any) -> None:
+        self.x, self.y = classification_data(n)
+        self.bad, self.failures, self.error, self.log = bad, failures, error, log
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if i == self.bad:
+            with open(self.log, "a+") as f:
+                f.seek(0)
+                tries = len(f.read())
+                f.write("x")
+            if tries < self.failures:
+                raise self.error()
+        return self.x[i], self.y[i], torch.tensor(i)
+
+
+def recording_loop(data: Any, seen: list[int], **options: Any) -> TrainLoop:
+    """A loop of micro-batch 12, target 32, that records the sample indices each micro-step trains on."""
+
+    def step_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, target, index = batch
+        seen.extend(index.tolist())
+        return F.cross_entropy(model(x), target)
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = session_for(model, data, optimizer=optimizer, step_fn=step_fn, micro_batch=12, **options)
+    return TrainLoop(session, Stepper(model, optimizer, session.memory, "fp32", step_fn=step_fn), 12)
+
+
+@pytest.fixture
+def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reading, "RETRY_PAUSE_S", 0.0)
+
+
+def out_of_memory() -> Exception:
+    return torch.OutOfMemoryError("injected: the host is short of memory for a moment")
+
+
+@pytest.mark.usefixtures("no_pause")
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "in-a-worker"])
+def test_a_read_that_runs_out_of_memory_once_is_retried_without_backing_off(
+    workers: int, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = IndexedSamples(70, bad=40, failures=1, error=out_of_memory, log=tmp_path / "reads")
+    data = torch.utils.data.DataLoader(dataset, num_workers=workers, shuffle=False)
+    seen: list[int] = []
+    loop = recording_loop(data, seen, shuffle=False)
+
+    with caplog.at_level("WARNING", logger="autobatch"):
+        losses = loop.run_epoch(0, 1)
+
+    assert len(losses) == 3 and loop.steps == 3 and loop.samples == 70
+    assert not loop.backoffs and loop.micro == 12, "host memory is not the micro-batch's fault"
+    assert seen == list(range(70)), "every sample trained once: the failed read trained none"
+    assert "trying again (1 of 3)" in caplog.text and "epoch 1, step 2" in caplog.text
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_read_that_keeps_failing_raises_the_users_error_naming_the_step_and_samples(tmp_path: Any) -> None:
+    dataset = IndexedSamples(70, bad=40, failures=100, error=out_of_memory, log=tmp_path / "reads")
+    seen: list[int] = []
+    loop = recording_loop(dataset, seen, shuffle=False)
+
+    with pytest.raises(torch.OutOfMemoryError, match="injected") as caught:
+        loop.run_epoch(0, 1)
+
+    (note,) = caught.value.__notes__
+    assert "epoch 1, step 2" in note and "failed 4 times" in note
+    assert f"reading samples {list(range(32, 64))}" in note
+    assert (tmp_path / "reads").read_text() == "x" * (1 + reading.READ_RETRIES)
+    assert not loop.backoffs and loop.steps == 1 and seen == list(range(32))
+
+
+class FlakyCollate:
+    """The default collate, but collating a batch that holds sample ``bad`` raises its first ``failures``
+    times."""
+
+    def __init__(self, bad: int, failures: int) -> None:
+        self.bad, self.failures, self.calls = bad, failures, 0
+
+    def __call__(self, samples: list[Any]) -> Any:
+        if any(int(s[2]) == self.bad for s in samples):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise torch.OutOfMemoryError("injected in collate_fn")
+        return torch.utils.data.default_collate(samples)
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_collate_fn_that_runs_out_of_memory_once_is_retried_without_backing_off(tmp_path: Any) -> None:
+    dataset = IndexedSamples(70, bad=-1, failures=0, error=out_of_memory, log=tmp_path / "reads")
+    collate = FlakyCollate(bad=40, failures=1)
+    seen: list[int] = []
+    loop = recording_loop(torch.utils.data.DataLoader(dataset, collate_fn=collate), seen, shuffle=False)
+
+    loop.run_epoch(0, 1)
+
+    assert not loop.backoffs and loop.steps == 3 and seen == list(range(70))
+    assert collate.calls == 2
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_collate_fn_that_keeps_failing_raises_the_users_error_naming_the_micro_batch(tmp_path: Any) -> None:
+    dataset = IndexedSamples(70, bad=-1, failures=0, error=out_of_memory, log=tmp_path / "reads")
+    collate = FlakyCollate(bad=40, failures=100)
+    loop = recording_loop(torch.utils.data.DataLoader(dataset, collate_fn=collate), [], shuffle=False)
+
+    with pytest.raises(torch.OutOfMemoryError, match="injected in collate_fn") as caught:
+        loop.run_epoch(0, 1)
+
+    (note,) = caught.value.__notes__
+    # Step 2 holds samples 32..63, cut 11+11+10: sample 40 is in its first micro-batch.
+    assert (
+        "epoch 1, step 2" in note and f"micro-batch 0:11 of the step's samples {list(range(32, 43))}" in note
+    )
+    assert collate.calls == 1 + reading.READ_RETRIES
+    assert not loop.backoffs and loop.steps == 1
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_any_error_in_a_read_is_retried_and_then_raised_as_it_is(tmp_path: Any) -> None:
+    def corrupt() -> Exception:
+        return KeyError("sample 40 is corrupt")
+
+    dataset = IndexedSamples(70, bad=40, failures=100, error=corrupt, log=tmp_path / "reads")
+    loop = recording_loop(dataset, [], shuffle=False)
+    with pytest.raises(KeyError, match="corrupt") as caught:
+        loop.run_epoch(0, 1)
+    assert "epoch 1, step 2" in caught.value.__notes__[0]
+
+
+# -- num_items --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [float("nan"), float("inf"), -3.0])
+def test_num_items_that_is_not_a_finite_count_is_refused_naming_the_step(count: float) -> None:
+    model = TokenTagger()
+    loop = make_loop(
+        model, token_data(), [], micro=8, loss_fn=token_loss, num_items=lambda batch: torch.tensor(count)
+    )
+    with pytest.raises(
+        ValueError, match=rf"`num_items` to return a finite count.* returned {count} .*step 1"
+    ):
+        first_step(loop)
+    assert loop.steps == 0 and loop.nonfinite_steps == 0
+
+
+def test_num_items_that_is_not_a_number_is_refused() -> None:
+    loop = make_loop(TokenTagger(), token_data(), [], micro=8, loss_fn=token_loss, num_items=lambda b: b[-1])
+    with pytest.raises(TypeError, match=r"`num_items` to return a number .* tensor of shape \(8, 12\)"):
+        first_step(loop)
+
+
+class CollateFailingOnCalls:
+    """The default collate, raising on the chosen calls (1-based)."""
+
+    def __init__(self, fail_on: set[int]) -> None:
+        self.fail_on, self.calls = fail_on, 0
+
+    def __call__(self, samples: list[Any]) -> Any:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"injected in collate_fn at call {self.calls}")
+        return torch.utils.data.default_collate(samples)
+
+
+@pytest.mark.usefixtures("no_pause")
+def test_a_back_off_whose_failed_micro_batch_cannot_be_collated_again_still_redoes_the_step() -> None:
+    """Collated again only to be measured: when that fails, the back-off goes unmeasured (it halves)."""
+    model = mlp()
+    X, y = classification_data()
+    expected = full_batch_grads(model, (X[:32], y[:32]), F.cross_entropy)
+    dataset = torch.utils.data.TensorDataset(X, y)
+    # Calls 1-3 collate 11+11+10; micro-step 2 runs out of memory; calls 4-7 (the failed micro-batch,
+    # collated again to measure it, and its retries) fail; the redo at 6 collates from call 8.
+    collate = CollateFailingOnCalls({4, 5, 6, 7})
+    captured: list[list[torch.Tensor]] = []
+    optimizer = capturing_sgd(model, captured)
+    data = torch.utils.data.DataLoader(dataset, collate_fn=collate)
+    session = session_for(model, data, optimizer=optimizer, micro_batch=12)
+    loop = TrainLoop(session, FailingStepper(model, optimizer, session.memory, "fp32", fail_on={2}), 12)
+
+    first_step(loop)
+
+    assert loop.backoffs == [Backoff(epoch=0, step=0, from_micro=12, to_micro=6)]
+    assert collate.calls == 7 + 6 and len(captured) == 1
+    assert max_relative_error(captured[0], expected) < 1e-6

@@ -50,3 +50,37 @@ def test_an_explicit_count_wins_and_other_devices_are_left_alone(torch_default: 
     assert torch.get_num_threads() == torch_default
     with cpu_threads("auto", torch.device("meta")) as count:
         assert count is None and torch.get_num_threads() == torch_default
+
+
+def test_available_cores_is_what_this_process_may_run_on() -> None:
+    import os
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert threads.available_cores() == expected >= 1
+
+
+@pytest.mark.parametrize("extra", [1, 1000], ids=["one-more", "a-thousand"])
+def test_more_threads_than_cores_are_refused_before_anything_runs(extra: int) -> None:
+    """A thousand threads raised MemoryError under an address-space limit; refused now, naming the cores."""
+    import autobatch
+    from autobatch.errors import UsageValueError
+
+    cores = threads.available_cores()
+    model = torch.nn.Linear(4, 2)
+    before = (torch.get_num_threads(), model.weight.detach().clone())
+    data = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    for value in (cores + extra, str(cores + extra)):  # from Python, and as the command line passes it
+        with pytest.raises(UsageValueError) as caught:
+            autobatch.fit(model, data, target_batch=4, cpu_threads=value, device="cpu", progress=False)
+        message = str(caught.value)
+        assert "`cpu_threads`" in message and f"got {cores + extra}" in message
+        assert f"at most the {cores} CPU core" in message
+    assert torch.get_num_threads() == before[0] and torch.equal(model.weight, before[1])
+
+
+def test_as_many_threads_as_cores_are_taken() -> None:
+    from autobatch.options import MemoryOptions
+
+    cores = threads.available_cores()
+    assert MemoryOptions(cpu_threads=cores).cpu_threads == cores
+    assert MemoryOptions(cpu_threads=str(cores)).cpu_threads == cores
