@@ -293,6 +293,12 @@ class Prober:
         reserved = self.memory.counts_reserved
         predictor = SurvivalPredictor(model, allocator=reserved, chunks=self.trials.chunks, config=config)
         survival = predictor.survival(best, self.capacity)
+        if survival.growth > 0:
+            logger.warning(
+                "probe: what the device holds between training steps grows by %s every step (the model "
+                "keeps a tensor from each step?): training will run out of memory, whatever the batch",
+                format_bytes(survival.growth),
+            )
         fixed = list(survival.fixed_point.values())
         facts: dict[str, Any] = {
             "fixed_point_steps": None if not fixed or None in fixed else max(fixed),  # type: ignore[type-var]

@@ -215,15 +215,65 @@ def fit_step_model(
     model = best_fit(micro) or _one_batch(micro)
     if model is None:
         return None
-    largest, (_, warm_optimizer) = max(warm_parts, key=lambda item: item[0].batch)
+    held = _held(model)
+    largest, largest_parts = max(warm_parts, key=lambda item: item[0].batch)
+    cold_optimizer = _attached(cold_parts, held)
+    warm_optimizer = _attached(largest_parts, held)
     weights = cold.resident
     # The micro-steps free no optimizer state: a cold step has none (every free of a resident must name a
     # weight), and a weight is where the warm traces have it (the weights come first).
-    if largest.resident[: len(weights)] != weights or any(
-        e[0] == "free" and isinstance(e[1], tuple) and e[1][1] >= len(weights) for e in model.skeleton
+    if (
+        cold_optimizer is None
+        or warm_optimizer is None
+        or largest.resident[: len(weights)] != weights
+        or any(e[0] == "free" and isinstance(e[1], tuple) and e[1][1] >= len(weights) for e in model.skeleton)
     ):
         return None
-    return StepModel(model, cold_parts[1], warm_optimizer, weights, largest.resident)
+    return StepModel(model, cold_optimizer, warm_optimizer, weights, largest.resident)
+
+
+def _held(model: MemoryTimeline) -> list[tuple[Any, int]] | None:
+    """What the micro-steps leave for the optimizer step (the gradients, the summed loss), in allocation
+    order, with their sizes; ``None`` where a size depends on the batch."""
+    sizes = dict(zip((e[1] for e in model.skeleton if e[0] == "alloc"), model.sizes, strict=True))
+    freed = {e[1] for e in model.skeleton if e[0] == "free"}
+    held = [(key, pair) for key, pair in sizes.items() if key not in freed]
+    if any(a != b for _, (a, b) in held):
+        return None
+    return [(key, a) for key, (a, _) in held]
+
+
+def _attached(
+    parts: tuple[tuple[Event, ...], tuple[Event, ...]], held: list[tuple[Any, int]] | None
+) -> tuple[Event, ...] | None:
+    """A trace's optimizer step, its references to what its micro-steps left pointed at the model's
+    (matched in allocation order, size for size): the same gradients, whichever trace it came from.
+    ``None`` where they do not match."""
+    micro, optimizer = parts
+    freed = {e[1] for e in micro if e[0] == "free"}
+    left = [(e[1], e[2]) for e in micro if e[0] == "alloc" and e[1] not in freed]
+    if held is None or [size for _, size in left] != [size for _, size in held]:
+        return None
+    target = {key: model_key for (key, _), (model_key, _) in zip(left, held, strict=True)}
+    own: set[Any] = set()
+    out: list[Event] = []
+    for event in optimizer:
+        if event[0] == "alloc":
+            own.add(event[1])
+            out.append(("alloc", ("optimizer", event[1]), event[2]))
+        elif event[0] == "free":
+            key = event[1]
+            if key in own:
+                out.append(("free", ("optimizer", key)))
+            elif key in target:
+                out.append(("free", target[key]))
+            elif isinstance(key, tuple) and key[0] == "resident":
+                out.append(event)
+            else:
+                return None  # frees something its micro-steps had freed already: not this model's
+        else:
+            out.append(event)
+    return tuple(out)
 
 
 def _one_batch(micro: Sequence[Timeline]) -> MemoryTimeline | None:

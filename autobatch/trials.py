@@ -202,10 +202,12 @@ class Trials:
         return Verdict(True, peaks, survival)
 
     def _settled(self, batch: int, case: str, model: StepModel) -> Verdict:
+        """A verdict from this batch's own steps, from a cold start: where the model of other batches is
+        not exact here (control flow that depends on the batch), neither is the optimizer state they made."""
         logger.debug(
-            "probe: the model of %s batches is not exact at %d; settling it from its own trace", case, batch
+            "probe: the model of %s batches is not exact at %d; settling it from its own steps", case, batch
         )
-        return self.at(batch, case, fallback=False)
+        return self.exact(batch, case)
 
     def _agrees(self, model: StepModel, timeline: Timeline, batch: int) -> bool:
         """Whether a real step's micro-steps allocated what the model says they do at ``batch``."""
@@ -215,7 +217,7 @@ class Trials:
         cut = next((i for i, e in enumerate(timeline.events) if e == ("mark", "optimizer")), None)
         return cut is not None and _normalized(timeline.events[:cut]) == _normalized(expected)
 
-    def at(self, batch: int, case: str = "longest", *, fallback: bool = True) -> Verdict:
+    def at(self, batch: int, case: str = "longest") -> Verdict:
         """Whether training at ``batch`` survives, from a traced steady step at this batch (the optimizer
         step of a cold start, which does not depend on the batch, from the cold trace at hand)."""
         longest = self.cold_traces["longest"]
@@ -276,6 +278,11 @@ class Trials:
             resident, adopt = self.stepper.weight_tensors(), self.stepper.optimizer_state()
         else:
             resident, adopt = self.stepper.state_tensors(), []
+            if _sizes_of(resident) != sorted(model.warm_resident):  # state that other batches made
+                self.cold(batch, case)
+                resident = self.stepper.state_tensors()
+                if _sizes_of(resident) != sorted(model.warm_resident):
+                    return self.run_for_real(batch, case, start, step), None
         with self.memory.carried(resident, prefix=events, adopt=adopt) as matched:
             if matched:
                 return self._step(batch, case, trace=True)
@@ -292,6 +299,12 @@ class Trials:
             for _ in range(step):
                 peaks, _ = self._step(batch, case, trace=False)
         return peaks
+
+
+def _sizes_of(tensors: Sequence[Any]) -> list[int]:
+    """The sizes of the distinct storages of ``tensors``, sorted."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sorted(storages.values())
 
 
 def _normalized(events: Sequence[Any]) -> list[Any]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from autobatch import fit, probe, try_batch
+from autobatch import NoBatchFitsError, fit, probe, try_batch
 from autobatch.memory import DeviceMemory
 from autobatch.planner import plan
 from autobatch.step import Stepper
@@ -247,3 +247,98 @@ def test_the_predictor_finds_a_hole_inside_a_region() -> None:
     predictor = SurvivalPredictor(_model_of(run), allocator=True)
     assert predictor.survival(1024, LIMIT).fits and not predictor.survival(900, LIMIT).fits
     assert predictor.max_batch(LIMIT, lo=1, hi=4096) == SURVIVING
+
+
+# -- what a model keeps --------------------------------------------------------------------------------
+
+
+class Scratchy(nn.Module):
+    """An MLP that keeps a 192 KiB tensor: as a buffer, as a plain attribute, or inside a dict of lists."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        scratch = torch.zeros(48 * 1024)
+        if kind == "buffer":
+            self.register_buffer("scratch", scratch)
+        elif kind == "attribute":
+            self.scratch = scratch
+        elif kind == "nested":
+            self.cache = {"parts": [scratch]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["attribute", "nested"])
+def test_a_tensor_a_model_keeps_however_it_is_referenced_counts(kind: str) -> None:
+    X, y = torch.randn(1024, 32), torch.randint(0, 4, (1024,))
+    options: dict[str, Any] = {"memory_limit": "512KiB", "precision": "fp32", "cache": False}
+    as_buffer = probe(Scratchy("buffer"), (X, y), **options).micro_batch
+    assert probe(Scratchy(kind), (X, y), **options).micro_batch == as_buffer
+    assert probe(Scratchy("none"), (X, y), **options).micro_batch > as_buffer
+
+
+class Leaky(nn.Module):
+    """An MLP that keeps every forward's hidden activations: memory grows with every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[0](x)
+        self.history.append(hidden.detach())
+        return self.net[2](self.net[1](hidden))
+
+
+def test_a_model_that_keeps_what_each_step_made_runs_out_instead_of_training_on() -> None:
+    X, y = torch.randn(1024, 32), torch.randint(0, 4, (1024,))
+    with pytest.raises(NoBatchFitsError):
+        fit(
+            Leaky(),
+            (X, y),
+            target_batch=64,
+            epochs=3,
+            memory_limit="512KiB",
+            precision="fp32",
+            cache=False,
+            progress=False,
+        )
+
+
+# -- the probe and try_batch agree ---------------------------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    """Above 40 samples the forward takes a larger branch: AdamW makes that branch's state only then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.small = nn.Linear(64, 10)
+        self.big = nn.Sequential(
+            nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.big(x) if x.shape[0] > 40 else self.small(x)
+
+
+@pytest.mark.parametrize("limit", ["6MiB", "7MiB"])
+def test_the_probe_and_try_batch_agree_on_a_model_that_branches_on_the_batch(limit: str) -> None:
+    model = Branchy()
+    X, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
+    options: dict[str, Any] = {"memory_limit": limit, "precision": "fp32"}
+    result = probe(model, (X, y), optimizer=torch.optim.AdamW(model.parameters()), cache=False, **options)
+    m = result.micro_batch
+
+    def fits(batch: int) -> bool:
+        return try_batch(
+            model, (X, y), batch, optimizer=torch.optim.AdamW(model.parameters()), **options
+        ).fitted
+
+    assert fits(m) and not fits(m + 1)
