@@ -47,8 +47,11 @@ __all__ = [
     "default_cache_dir",
 ]
 
-CACHE_FORMAT = 1
-"""The layout of a cache file; part of every key, so a new layout never reads an old file."""
+CACHE_FORMAT = 2
+"""The layout of a cache file; part of every key, so a new layout never reads an old file.
+
+2: the fingerprint holds digests of what grows with the model (no per-module lists), and the data and the
+torch settings."""
 
 ENV_VAR = "AUTOBATCH_CACHE_DIR"
 """The environment variable that overrides the default cache directory."""
@@ -107,7 +110,8 @@ class _Corrupt(Exception):
 
 
 MAX_FILE_BYTES = 1 << 20
-"""A cache file larger than this is not one autobatch wrote (one holds a few KiB): it is not read."""
+"""A cache file larger than this is not one autobatch wrote (one holds a few KiB, whatever the model's
+size: what grows with the model is stored as digests): it is not read."""
 
 
 def _read_regular(path: Path) -> bytes:
@@ -289,10 +293,10 @@ class ProbeCache:
             except _Corrupt as exc:
                 self._warn_corrupt(path, str(exc))
                 continue
-            try:
-                model = str(data["fingerprint"]["model"]["modules"][0][1]).rsplit(".", 1)[-1]
-            except (KeyError, IndexError, TypeError):  # a fingerprint not made by fingerprint()
-                model = "?"
+            described = data["fingerprint"].get("model")
+            model = described.get("class") if isinstance(described, dict) else None
+            # The class's own name; "?" for a fingerprint not made by fingerprint().
+            model = model.rsplit(".", 1)[-1] if isinstance(model, str) and model else "?"
             found.append(
                 CacheEntry(
                     key=data["key"],
