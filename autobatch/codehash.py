@@ -26,7 +26,7 @@ import functools
 import types
 from typing import Any
 
-from autobatch.valuehash import ValueWalk, is_library
+from autobatch.valuehash import ValueWalk, is_instance, is_library
 
 __all__ = ["Digest", "code_digest", "data_digest", "is_library", "value_digest"]
 
@@ -39,22 +39,22 @@ class Digest(ValueWalk):
 
     def add(self, obj: Any) -> None:
         """Hash a function, class, method, partial or callable object (and what it reaches)."""
-        if isinstance(obj, type):
+        if is_instance(obj, type):
             if is_library(obj.__module__):
                 self.text("library class", obj.__module__, obj.__qualname__)
             else:
                 self.node(obj, self.cls, "code")
-        elif isinstance(obj, types.FunctionType):
+        elif is_instance(obj, types.FunctionType):
             if is_library(obj.__module__):
                 self.text("library", obj.__module__, obj.__qualname__)
             else:
                 self.node(obj, self.function, "code")
-        elif isinstance(obj, (types.MethodType, functools.partial, *_DESCRIPTORS)):
+        elif is_instance(obj, (types.MethodType, functools.partial, *_DESCRIPTORS)):
             self.node(obj, self.wrapper, "code")
-        elif isinstance(obj, types.BuiltinFunctionType):  # C code: by name, with the object it is bound to
+        elif is_instance(obj, types.BuiltinFunctionType):  # C code: by name, with the object it is bound to
             self.text("builtin", getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
             owner = getattr(obj, "__self__", None)
-            if owner is not None and not isinstance(owner, types.ModuleType):
+            if owner is not None and not is_instance(owner, types.ModuleType):
                 self.value(owner)
         else:
             self.value(obj)
@@ -62,19 +62,19 @@ class Digest(ValueWalk):
     def wrapper(self, obj: Any) -> None:
         """What a method, partial or descriptor wraps (a bound method with its instance: its state counts)."""
         self.text(type(obj).__name__)
-        if isinstance(obj, types.MethodType):
+        if is_instance(obj, types.MethodType):
             self.add(obj.__func__)
             self.value(obj.__self__)
-        elif isinstance(obj, (functools.partial, functools.partialmethod)):
+        elif is_instance(obj, (functools.partial, functools.partialmethod)):
             self.add(obj.func)
             self.value(obj.args)
             self.value(obj.keywords)
-        elif isinstance(obj, property):
+        elif is_instance(obj, property):
             for accessor in (obj.fget, obj.fset, obj.fdel):
                 if accessor is not None:
                     self.add(accessor)
         else:
-            self.add(obj.func if isinstance(obj, functools.cached_property) else obj.__func__)
+            self.add(obj.func if is_instance(obj, functools.cached_property) else obj.__func__)
 
     def function(self, fn: types.FunctionType) -> None:
         self.text("function", fn.__qualname__)
@@ -106,7 +106,7 @@ class Digest(ValueWalk):
             if name not in namespace:  # a builtin
                 continue
             target = namespace[name]
-            if isinstance(target, types.ModuleType):
+            if is_instance(target, types.ModuleType):
                 if is_library(target.__name__):
                     continue
                 self.text("module", name)

@@ -43,20 +43,25 @@ _SAMPLE_CHARS = 512
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with only JSON types, stable across runs: callables by their code, the rest by repr."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """``value`` with only JSON types, stable across runs: plain values as they are, callables by their
+    code, anything else by the digest of what it holds (never its repr, which may hold an address).
+
+    Types are read from ``type()``: no property or ``__getattr__`` of a user's object runs.
+    """
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
         return value
-    if isinstance(value, float):
+    if kind is float:
         return value if math.isfinite(value) else repr(value)
-    if isinstance(value, Mapping):
+    if kind is dict:
         return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if kind in (list, tuple):
         return [json_safe(v) for v in value]
-    if isinstance(value, (torch.device, torch.dtype)):
+    if kind in (torch.device, torch.dtype):
         return str(value)
     if callable(value):
         return {"callable": qualname(value), "code": code_digest(value)}
-    return {"object": qualname(value), "digest": value_digest(value)}  # never its repr: an address
+    return {"object": qualname(value), "digest": value_digest(value)}
 
 
 def _shapes(sample: Any) -> Any:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,16 +28,38 @@ __all__ = ["torch_settings"]
 
 _b = torch.backends
 
+
+def _either(legacy: Callable[[], Any], *new: str) -> Callable[[], Any]:
+    """Read a setting the legacy way; where torch refuses to (the newer ``fp32_precision`` settings are in
+    use and say more than the legacy flag can), read those instead. Never both: a legacy setter also
+    writes the newer settings ("none" becomes "ieee"), and the key must not change when nothing did."""
+
+    def read() -> Any:
+        try:
+            return legacy()
+        except RuntimeError:
+            return ["fp32_precision", *(str(functools.reduce(getattr, path.split("."), _b)) for path in new)]
+
+    return read
+
+
+_FP32 = ("fp32_precision", "cuda.matmul.fp32_precision")
+_FP32_CUDNN = (
+    "fp32_precision",
+    "cudnn.fp32_precision",
+    "cudnn.conv.fp32_precision",
+    "cudnn.rnn.fp32_precision",
+)
+
 _FLAGS: dict[str, Callable[[], Any]] = {
     "default_dtype": torch.get_default_dtype,
     "deterministic": torch.are_deterministic_algorithms_enabled,
     "deterministic.warn_only": torch.is_deterministic_algorithms_warn_only_enabled,
-    "float32_matmul_precision": torch.get_float32_matmul_precision,
+    "float32_matmul_precision": _either(torch.get_float32_matmul_precision, *_FP32),
     "anomaly": torch.is_anomaly_enabled,
-    "cuda.matmul.allow_tf32": lambda: _b.cuda.matmul.allow_tf32,
+    "cuda.matmul.allow_tf32": _either(lambda: _b.cuda.matmul.allow_tf32, *_FP32),
     "cuda.matmul.allow_fp16_reduction": lambda: _b.cuda.matmul.allow_fp16_reduced_precision_reduction,
     "cuda.matmul.allow_bf16_reduction": lambda: _b.cuda.matmul.allow_bf16_reduced_precision_reduction,
-    "cuda.matmul.fp32_precision": lambda: _b.cuda.matmul.fp32_precision,
     "cuda.flash_sdp": lambda: _b.cuda.flash_sdp_enabled(),
     "cuda.mem_efficient_sdp": lambda: _b.cuda.mem_efficient_sdp_enabled(),
     "cuda.math_sdp": lambda: _b.cuda.math_sdp_enabled(),
@@ -47,11 +70,9 @@ _FLAGS: dict[str, Callable[[], Any]] = {
     "cudnn.enabled": lambda: _b.cudnn.enabled,
     "cudnn.benchmark": lambda: _b.cudnn.benchmark,
     "cudnn.deterministic": lambda: _b.cudnn.deterministic,
-    "cudnn.allow_tf32": lambda: _b.cudnn.allow_tf32,
-    "cudnn.fp32_precision": lambda: _b.cudnn.fp32_precision,
+    "cudnn.allow_tf32": _either(lambda: _b.cudnn.allow_tf32, *_FP32_CUDNN),
     "mkldnn.enabled": lambda: _b.mkldnn.enabled,
     "opt_einsum": lambda: (_b.opt_einsum.enabled, _b.opt_einsum.strategy),
-    "fp32_precision": lambda: getattr(_b, "fp32_precision"),  # noqa: B009 - newer torch only
 }
 """Each setting and how to read it; one this torch lacks is left out (the key holds torch's version)."""
 

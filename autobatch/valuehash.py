@@ -21,6 +21,7 @@ import argparse
 import enum
 import functools
 import hashlib
+import itertools
 import logging
 import sys
 import types
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MAX_DEPTH", "MAX_NODES", "ValueWalk", "is_library", "qualname"]
+__all__ = ["MAX_DEPTH", "MAX_NODES", "ValueWalk", "is_instance", "is_library", "qualname"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,16 @@ def is_library(module: str | None) -> bool:
 
 
 def qualname(obj: Any) -> str:
-    """``module.qualname`` of a function or class; of its type for anything else."""
-    if not isinstance(getattr(obj, "__qualname__", None), str):
+    """``module.qualname`` of a function or class; of its type for anything else (read from the type:
+    never an instance's own ``__getattr__``)."""
+    if not is_instance(obj, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
         obj = type(obj)
-    return f"{getattr(obj, '__module__', None) or '?'}.{obj.__qualname__}"
+    return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', '?')}"
+
+
+def is_instance(value: Any, classes: type | tuple[type, ...]) -> bool:
+    """``isinstance`` by the type alone: ``isinstance`` would read the ``__class__`` of user objects."""
+    return issubclass(type(value), classes)
 
 
 def attributes(obj: Any) -> dict[str, Any]:
@@ -157,30 +164,30 @@ class ValueWalk:
         """Hash a value: plain ones by repr, everything else by what it holds."""
         if type(value) in _PLAIN:
             self.text(type(value).__name__, repr(value))
-        elif isinstance(value, _TORCH_NAMES):
+        elif is_instance(value, _TORCH_NAMES):
             self.text(type(value).__name__, value)
-        elif isinstance(value, torch.Tensor):  # a leaf: never its data
+        elif is_instance(value, torch.Tensor):  # a leaf: never its data
             self.tensor(value)
-        elif isinstance(value, _CODE):
+        elif is_instance(value, _CODE):
             self.add(value)
         else:
             self.node(value, self._describe)
 
     def _describe(self, value: Any) -> None:
-        if isinstance(value, enum.Enum):
+        if is_instance(value, enum.Enum):
             self.add(type(value))
             self.text("enum", value.name)
-        elif isinstance(value, _PLAIN):  # a subclass of int or str
+        elif is_instance(value, _PLAIN):  # a subclass of int or str
             self.text(qualname(value), repr(value))
-        elif isinstance(value, nn.Module):
+        elif is_instance(value, nn.Module):
             self.module(value)
-        elif isinstance(value, (list, tuple, deque, dict, set, frozenset)):
+        elif is_instance(value, (list, tuple, deque, dict, set, frozenset)):
             self.container(value, self.value)
         elif _is_array(value):
             self.text("array", qualname(value), tuple(value.shape), value.dtype)
-        elif isinstance(value, (range, slice, bytearray)):
+        elif is_instance(value, (range, slice, bytearray)):
             self.text(qualname(value), repr(value))
-        elif _is_stdlib(value) and not isinstance(value, _NAMESPACES):
+        elif _is_stdlib(value) and not is_instance(value, _NAMESPACES):
             self.text("object", qualname(value))  # the process's state, not the step's (a logger, a lock)
         else:
             self.add(type(value))  # the class's code, then its state
@@ -189,12 +196,23 @@ class ValueWalk:
                 self.value(attribute)
 
     def container(self, value: Any, item: Callable[[Any], None]) -> None:
+        """Items in order; a dict's and a set's in the order of their digests. Each item counts towards the
+        size budget: past it, a sequence is hashed up to there, a dict or a set by its length only (which
+        of its items come first depends on the hash seed)."""
         self.text(qualname(value), len(value))
-        if isinstance(value, dict):
+        room = self.max_nodes - self.nodes
+        self.nodes += min(len(value), max(room, 0))
+        if len(value) > room:
+            self.cuts["size"] += 1
+            self.text("cut", "size", max(room, 0))
+            if is_instance(value, (dict, set, frozenset)):
+                return
+            value = itertools.islice(value, max(room, 0))
+        if is_instance(value, dict):
             pairs = sorted((self.sub(k, item), self.sub(v, item)) for k, v in value.items())
             for digest in (part for pair in pairs for part in pair):
                 self.hash.update(digest)
-        elif isinstance(value, (set, frozenset)):
+        elif is_instance(value, (set, frozenset)):
             for digest in sorted(self.sub(v, item) for v in value):
                 self.hash.update(digest)
         else:
@@ -245,9 +263,9 @@ class ValueWalk:
     def data(self, value: Any) -> None:
         """Hash what a dataset holds that steers a sample, never its data: the type, plain attributes,
         callables (a ``transform=``) and nested datasets; a large container by its type and length."""
-        if isinstance(value, (*_PLAIN, *_TORCH_NAMES, torch.Tensor, nn.Module, *_CODE)) or _is_array(value):
+        if is_instance(value, (*_PLAIN, *_TORCH_NAMES, torch.Tensor, nn.Module, *_CODE)) or _is_array(value):
             self.value(value)
-        elif isinstance(value, (list, tuple, deque, dict, set, frozenset)):
+        elif is_instance(value, (list, tuple, deque, dict, set, frozenset)):
             if len(value) > DATA_ITEMS:
                 self.text("data", qualname(value), len(value))
             else:
@@ -266,13 +284,13 @@ class ValueWalk:
 
 def _is_hooks(key: str, value: Any) -> bool:
     """One of torch's hook dicts on a module (``_forward_hooks``, ``_backward_pre_hooks``…)."""
-    return key.startswith("_") and "hooks" in key and isinstance(value, dict)
+    return key.startswith("_") and "hooks" in key and is_instance(value, dict)
 
 
 def _is_array(value: Any) -> bool:
     """NumPy arrays and friends: a shape and a dtype on the class (not an instance's ``__getattr__``)."""
     cls = type(value)
-    return hasattr(cls, "shape") and hasattr(cls, "dtype") and not isinstance(value, type)
+    return hasattr(cls, "shape") and hasattr(cls, "dtype") and not is_instance(value, type)
 
 
 def _is_stdlib(value: Any) -> bool:

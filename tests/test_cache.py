@@ -842,3 +842,87 @@ def test_files_honour_the_umask(umask: int) -> None:
     finally:
         os.umask(previous)
     assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# -- the key is never why a probe fails, and a big model's entry is read back (issue 18, defects 5, 6) -------
+
+
+def _deep(depth: int) -> list[Any]:
+    value: list[Any] = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _cyclic() -> list[Any]:
+    value: list[Any] = [1, 2]
+    value.append(value)
+    return value
+
+
+@pytest.mark.parametrize("held", [_cyclic, lambda: _deep(5000)], ids=["cyclic list", "list 5000 deep"])
+def test_a_cyclic_or_deep_value_in_a_step_fn_closure_is_keyed(
+    held: Callable[[], Any], no_warnings: None
+) -> None:
+    def make_step(value: Any) -> Callable[[nn.Module, Any], torch.Tensor]:
+        return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]) * (len(value) > 0)
+
+    first = _probe(mlp(64), step_fn=make_step(held()))
+    again = _probe(mlp(64), step_fn=make_step(held()))
+    assert first.cached is False and again.cached is True and again.micro_batch == first.micro_batch
+
+
+class _Lazy(list):  # type: ignore[type-arg]
+    """A user's list that cannot be iterated yet: computing the key raises."""
+
+    def __iter__(self) -> Iterator[Any]:
+        raise RuntimeError("lazy list not loaded")
+
+
+def test_a_key_that_cannot_be_computed_turns_the_cache_off_for_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("autobatch.probestore._warned", set())
+    sizes = _Lazy([1, 2])
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y) * len(sizes)
+
+    first = one_warning(lambda: _probe(mlp(64), loss_fn=loss))
+    assert "the probe cache is off for this call" in one_warning.last.lower()  # type: ignore[attr-defined]
+    assert "RuntimeError: lazy list not loaded" in one_warning.last  # type: ignore[attr-defined]
+    assert first.cached is False and first.micro_batch == _fresh(mlp(64), loss_fn=loss)
+    assert ProbeCache().entries() == []  # nothing stored under a key that does not describe the setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per cause and process: the next call only logs it
+        again = _probe(mlp(64), loss_fn=loss)
+    assert again.cached is False and again.micro_batch == first.micro_batch
+
+
+class _Blocks(nn.Module):
+    """``n`` cheap modules (identities, and frozen 1-by-1 linears the step skips) before a small head."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Identity() if i % 2 else nn.Linear(1, 1) for i in range(n))
+        self.blocks.requires_grad_(False)
+        self.head = mlp(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if isinstance(block, nn.Identity):
+                x = block(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+def test_a_model_of_10000_modules_is_stored_small_and_read_back(no_warnings: None) -> None:
+    first = _probe(_Blocks(10_000), memory_limit="16MiB")
+    (entry,) = ProbeCache().entries()
+    assert entry.size_bytes < 16 * 1024  # a few KiB: it was 2.3 MB, over the read cap, and never read back
+    assert entry.model == "_Blocks"
+    fp = json.loads(entry.path.read_text())["fingerprint"]
+    assert fp["model"]["modules"] == 10_006 and fp["model"]["class"].endswith("._Blocks")
+    again = _probe(_Blocks(10_000), memory_limit="16MiB")
+    assert again.cached is True and again.micro_batch == first.micro_batch
+    assert _probe(_Blocks(10_002), memory_limit="16MiB").cached is False  # two modules more: another key
