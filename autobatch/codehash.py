@@ -21,20 +21,38 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import dis
+import enum
 import functools
+import sys
 import types
 from typing import Any
 
-from autobatch.valuehash import ValueWalk, is_instance, is_library
+import torch
 
-__all__ = ["Digest", "code_digest", "data_digest", "is_library", "value_digest"]
+from autobatch.modulehash import ModuleWalk
+from autobatch.valuehash import (
+    CODE,
+    CONTAINERS,
+    DESCRIPTORS,
+    NAMESPACES,
+    PLAIN,
+    TORCH_NAMES,
+    attributes,
+    is_array,
+    is_instance,
+    is_library,
+    qualname,
+    sorted_items,
+)
+
+__all__ = ["Digest", "code_digest", "is_library", "value_digest"]
 
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"})
-_DESCRIPTORS = (staticmethod, classmethod, property, functools.cached_property, functools.partialmethod)
 
 
-class Digest(ValueWalk):
+class Digest(ModuleWalk):
     """A bounded walk over code and the values it reaches, into one SHA-256."""
 
     def add(self, obj: Any) -> None:
@@ -49,7 +67,7 @@ class Digest(ValueWalk):
                 self.text("library", obj.__module__, obj.__qualname__)
             else:
                 self.node(obj, self.function, "code")
-        elif is_instance(obj, (types.MethodType, functools.partial, *_DESCRIPTORS)):
+        elif is_instance(obj, (types.MethodType, functools.partial, *DESCRIPTORS)):
             self.node(obj, self.wrapper, "code")
         elif is_instance(obj, types.BuiltinFunctionType):  # C code: by name, with the object it is bound to
             self.text("builtin", getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
@@ -100,7 +118,7 @@ class Digest(ValueWalk):
                 self.text(type(const).__name__, repr(const))
 
     def globals_of(self, code: types.CodeType, namespace: dict[str, Any]) -> None:
-        """The functions, classes and values a code object reads through its global names."""
+        """The functions, classes and settings a code object reads through its global names."""
         attribute_names = sorted(_names(code))
         for name in sorted(_globals_read(code)):
             if name not in namespace:  # a builtin
@@ -113,10 +131,36 @@ class Digest(ValueWalk):
                 for attribute in attribute_names:  # helpers.scale(x): "scale" is an attribute name
                     if attribute in vars(target):
                         self.text("global", name, attribute)
-                        self.add(vars(target)[attribute])
+                        self.setting(vars(target)[attribute])
             else:
                 self.text("global", name)
-                self.add(target)
+                self.setting(target)
+
+    def setting(self, value: Any, top: bool = True) -> None:
+        """Hash what code reads from a global or a class: code by its code, plain data, containers and
+        config holders (a dataclass, a namespace) by what they hold; any other object by its type only (a
+        registry, a logger: the library's state, not the step's setup). Code inside a container counts by
+        its name: a registry of functions is the library's, and its code is reached where it is called."""
+        if is_instance(value, CODE) and not top:
+            self.text("code", qualname(value))
+        elif is_instance(value, CODE) or _plain_kind(value):
+            self.value(value)
+        elif is_instance(value, CONTAINERS):
+            self.node(
+                value, lambda v: self.container(v, lambda item: self.setting(item, top=False)), "setting"
+            )
+        elif is_instance(value, NAMESPACES) or _is_dataclass_instance(value):
+            self.node(value, self._holder, "setting")
+        elif is_instance(value, DESCRIPTORS):
+            self.add(value)
+        else:
+            self.text("object", qualname(value))
+
+    def _holder(self, value: Any) -> None:
+        self.add(type(value))
+        for name, attribute in sorted_items(attributes(value)):
+            self.text("attribute", name)
+            self.setting(attribute, top=False)
 
     def cls(self, cls: type) -> None:
         self.text("class", cls.__qualname__)
@@ -126,7 +170,16 @@ class Digest(ValueWalk):
             if name in _CLASS_SKIP:
                 continue
             self.text(name)
-            self.add(member)
+            self.setting(member)
+
+
+def _plain_kind(value: Any) -> bool:
+    """Plain data: a scalar or string (or a subclass: an IntEnum), a torch dtype or device, a tensor."""
+    return is_instance(value, (*PLAIN, *TORCH_NAMES, torch.Tensor, enum.Enum)) or is_array(value)
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(type(value)) and not is_instance(value, type)
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -138,23 +191,30 @@ def _names(code: types.CodeType) -> set[str]:
     return names
 
 
-_READ, _WRITE = frozenset({"LOAD_GLOBAL", "LOAD_NAME"}), frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})
+_OP = dis.opmap
+_READ, _WRITE = {_OP["LOAD_GLOBAL"], _OP["LOAD_NAME"]}, {_OP["STORE_GLOBAL"], _OP["DELETE_GLOBAL"]}
+_GLOBAL_SHIFT = 1 if sys.version_info >= (3, 11) else 0  # LOAD_GLOBAL's low bit is a flag since 3.11
 
 
-def _globals_read(code: types.CodeType) -> set[str]:
+@functools.lru_cache(maxsize=8192)
+def _globals_read(code: types.CodeType) -> frozenset[str]:
     """The global names a code object (and the code nested in it) reads but never writes: a global the
-    step itself updates (a counter) is its state, not its setup."""
+    step itself updates (a counter) is its state, not its setup. Read from the bytecode directly (``dis``
+    takes a hundred times as long), once per code object."""
     read, written = set(), set()
-    stack = [code]
-    while stack:
-        current = stack.pop()
-        for instruction in dis.get_instructions(current):
-            if instruction.opname in _READ:
-                read.add(instruction.argval)
-            elif instruction.opname in _WRITE:
-                written.add(instruction.argval)
-        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-    return read - written
+    raw, names, extended = code.co_code, code.co_names, 0
+    for i in range(0, len(raw) - 1, 2):
+        op, arg = raw[i], raw[i + 1] | extended
+        extended = arg << 8 if op == dis.EXTENDED_ARG else 0
+        if op in _READ:
+            index = arg >> _GLOBAL_SHIFT if op == _OP["LOAD_GLOBAL"] else arg
+            read.add(names[index] if index < len(names) else "")
+        elif op in _WRITE:
+            written.add(names[arg] if arg < len(names) else "")
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            read |= _globals_read(const)
+    return frozenset(read - written)
 
 
 def code_digest(*objects: Any) -> str:
@@ -171,13 +231,4 @@ def value_digest(*values: Any) -> str:
     digest = Digest()
     for value in values:
         digest.value(value)
-    return digest.hexdigest()
-
-
-def data_digest(*values: Any) -> str:
-    """The SHA-256 hex digest of datasets and collate functions: their code, settings and transforms,
-    never their samples."""
-    digest = Digest()
-    for value in values:
-        digest.data(value)
     return digest.hexdigest()

@@ -32,7 +32,8 @@ from torch import nn
 
 from autobatch._version import __version__
 from autobatch.cache import CACHE_FORMAT
-from autobatch.codehash import Digest, code_digest, data_digest, value_digest
+from autobatch.codehash import Digest
+from autobatch.datahash import DataDigest
 from autobatch.torchsettings import torch_settings
 from autobatch.valuehash import qualname
 
@@ -42,26 +43,28 @@ _SAMPLE_CHARS = 512
 """A sample's shapes longer than this as JSON are stored as their digest: an entry stays small."""
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any, walk: Digest | None = None) -> Any:
     """``value`` with only JSON types, stable across runs: plain values as they are, callables by their
     code, anything else by the digest of what it holds (never its repr, which may hold an address).
 
-    Types are read from ``type()``: no property or ``__getattr__`` of a user's object runs.
+    Types are read from ``type()``: no property or ``__getattr__`` of a user's object runs. ``walk``: the
+    walk to share (what it already hashed is not hashed again).
     """
+    walk = walk or Digest()
     kind = type(value)
     if value is None or kind in (bool, int, str):
         return value
     if kind is float:
         return value if math.isfinite(value) else repr(value)
     if kind is dict:
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, walk) for k, v in value.items()}
     if kind in (list, tuple):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, walk) for v in value]
     if kind in (torch.device, torch.dtype):
         return str(value)
     if callable(value):
-        return {"callable": qualname(value), "code": code_digest(value)}
-    return {"object": qualname(value), "digest": value_digest(value)}
+        return {"callable": qualname(value), "code": walk.sub(value, walk.add).hex()}
+    return {"object": qualname(value), "digest": walk.sub(value).hex()}
 
 
 def _shapes(sample: Any) -> Any:
@@ -121,32 +124,35 @@ def fingerprint(
         raise TypeError(
             f"Expected `optimizer` to be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}."
         )
-    return {
+    walk = DataDigest()  # one walk for every part: code they share (a library's) is hashed once
+    fp = {
         "format": CACHE_FORMAT,
         "autobatch": __version__,
         "torch": str(torch.__version__),
         "python": sys.version.split()[0],  # bytecode differs between Python versions
-        "model": _model(model),
-        "optimizer": _optimizer(model, optimizer) if optimizer is not None else None,
+        "model": _model(model, walk),
+        "optimizer": _optimizer(model, optimizer, walk) if optimizer is not None else None,
         "precision": str(precision),
         "device": _device_info(torch.device(device)),
         "memory_limit": memory_limit,
         "world_size": world_size,
         "sample": _sample(sample),
         "dataset_size": dataset_size,
-        "data": _data(dataset, collate_fn),
+        "data": _data(dataset, collate_fn, walk),
         "settings": torch_settings(),
-        "options": json_safe(dict(options or {})),
+        "options": json_safe(dict(options or {}), walk),
     }
+    walk.report()
+    return fp
 
 
-def _model(model: nn.Module) -> dict[str, Any]:
+def _model(model: nn.Module, walk: Digest) -> dict[str, Any]:
     """The model's class and size, to read, and the digest of all it is: submodules, code, state, hooks."""
     return {
         "class": qualname(type(model)),
         "modules": sum(1 for _ in model.modules()),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "digest": value_digest(model),
+        "digest": walk.sub(model).hex(),
     }
 
 
@@ -156,27 +162,36 @@ def _sample(sample: Any) -> Any:
     return shapes if len(text) <= _SAMPLE_CHARS else {"digest": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def _data(dataset: Any, collate_fn: Any) -> dict[str, Any] | None:
+def _data(dataset: Any, collate_fn: Any, walk: DataDigest) -> dict[str, Any] | None:
     """The dataset's and the collate function's names, and the digest of their code, settings and
     transforms (never of the samples: a dataset may hold gigabytes)."""
     if dataset is None and collate_fn is None:
         return None
+
+    def both(pair: tuple[Any, Any]) -> None:
+        for value in pair:
+            walk.data(value)
+
     return {
         "dataset": qualname(type(dataset)),
         "collate_fn": qualname(collate_fn) if collate_fn is not None else None,
-        "digest": data_digest(dataset, collate_fn),
+        "digest": walk.sub((dataset, collate_fn), both).hex(),
     }
 
 
-def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, walk: Digest) -> dict[str, Any]:
     """The optimizer's type, and a digest of its code (when it is the user's), settings, hooks and which
     parameters it holds."""
     names = {id(p): name for name, p in model.named_parameters()}
-    digest = Digest()
-    digest.add(type(optimizer))
-    for group in optimizer.param_groups:
-        digest.text("group", *(names.get(id(p), f"<{list(p.shape)}>") for p in group["params"]))
-        digest.value({k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")})
-    for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
-        digest.value(list((getattr(optimizer, hooks, None) or {}).values()))
-    return {"type": qualname(type(optimizer)), "digest": digest.hexdigest()}
+    groups = [
+        (
+            [names.get(id(p), f"<{list(p.shape)}>") for p in group["params"]],
+            {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")},
+        )
+        for group in optimizer.param_groups
+    ]
+    hooks = [
+        list((getattr(optimizer, name, None) or {}).values())
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+    ]
+    return {"type": qualname(type(optimizer)), "digest": walk.sub([type(optimizer), groups, hooks]).hex()}

@@ -872,25 +872,26 @@ def test_a_cyclic_or_deep_value_in_a_step_fn_closure_is_keyed(
     assert first.cached is False and again.cached is True and again.micro_batch == first.micro_batch
 
 
-class _Lazy(list):  # type: ignore[type-arg]
-    """A user's list that cannot be iterated yet: computing the key raises."""
+class _Unmaterialised(torch.Tensor):
+    """A tensor subclass that refuses every query until it is materialised: reading its shape raises."""
 
-    def __iter__(self) -> Iterator[Any]:
-        raise RuntimeError("lazy list not loaded")
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise RuntimeError("not materialised yet")
 
 
 def test_a_key_that_cannot_be_computed_turns_the_cache_off_for_the_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("autobatch.probestore._warned", set())
-    sizes = _Lazy([1, 2])
+    pending = torch.zeros(4).as_subclass(_Unmaterialised)
 
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out, y) * len(sizes)
+        return F.cross_entropy(out, y) if pending is not None else out.sum()
 
     first = one_warning(lambda: _probe(mlp(64), loss_fn=loss))
     assert "the probe cache is off for this call" in one_warning.last.lower()  # type: ignore[attr-defined]
-    assert "RuntimeError: lazy list not loaded" in one_warning.last  # type: ignore[attr-defined]
+    assert "RuntimeError: not materialised yet" in one_warning.last  # type: ignore[attr-defined]
     assert first.cached is False and first.micro_batch == _fresh(mlp(64), loss_fn=loss)
     assert ProbeCache().entries() == []  # nothing stored under a key that does not describe the setup
     with warnings.catch_warnings():

@@ -245,6 +245,24 @@ def test_an_object_whose_attribute_access_raises_is_read_past_it() -> None:
     assert code_digest(capturing(Guarded(1))) != code_digest(capturing(Guarded(2)))
 
 
+class _Lazy(list):  # type: ignore[type-arg]
+    """A user's list that cannot be iterated yet (and a mapping that would import on ``items()``)."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("not loaded")
+
+
+class _LazyMap(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise RuntimeError("would import every model module")
+
+
+def test_containers_are_read_as_built_ins_never_through_their_own_methods() -> None:
+    assert code_digest(capturing(_Lazy([1, 2]))) == code_digest(capturing(_Lazy([1, 2])))
+    assert code_digest(capturing(_Lazy([1, 2]))) != code_digest(capturing(_Lazy([1, 2, 3])))
+    assert code_digest(capturing(_LazyMap(a=1))) != code_digest(capturing(_LazyMap(a=2)))
+
+
 def test_tensors_count_by_shape_and_dtype_never_their_data() -> None:
     assert code_digest(capturing(torch.zeros(3))) == code_digest(capturing(torch.ones(3)))
     assert code_digest(capturing(torch.zeros(3))) != code_digest(capturing(torch.zeros(4)))
