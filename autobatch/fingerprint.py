@@ -35,10 +35,12 @@ from autobatch.cache import CACHE_FORMAT
 from autobatch.codehash import Digest
 from autobatch.datahash import DataDigest
 from autobatch.torchsettings import torch_settings
-from autobatch.valuehash import qualname
+from autobatch.valuehash import MAX_NODES, qualname
 
-__all__ = ["fingerprint", "json_safe"]
+__all__ = ["fingerprint", "json_safe", "with_model"]
 
+_NODES_PER_MODULE = 64
+"""What the walk of a model may spend per module, past :data:`~autobatch.valuehash.MAX_NODES`."""
 _SAMPLE_CHARS = 512
 """A sample's shapes longer than this as JSON are stored as their digest: an entry stays small."""
 
@@ -63,8 +65,8 @@ def json_safe(value: Any, walk: Digest | None = None) -> Any:
     if kind in (torch.device, torch.dtype):
         return str(value)
     if callable(value):
-        return {"callable": qualname(value), "code": walk.sub(value, walk.add).hex()}
-    return {"object": qualname(value), "digest": walk.sub(value).hex()}
+        return {"callable": qualname(value), "code": walk.part(value, walk.add)}
+    return {"object": qualname(value), "digest": walk.part(value)}
 
 
 def _shapes(sample: Any) -> Any:
@@ -146,13 +148,24 @@ def fingerprint(
     return fp
 
 
+def with_model(fp: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``fp`` with the model's part taken again: a forward may set a module's attributes on its first call
+    (Hugging Face's ``config.problem_type``, a cache a layer builds lazily)."""
+    walk = DataDigest()
+    found = {**fp, "model": _model(model, walk)}
+    walk.report()
+    return found
+
+
 def _model(model: nn.Module, walk: Digest) -> dict[str, Any]:
     """The model's class and size, to read, and the digest of all it is: submodules, code, state, hooks."""
+    modules = sum(1 for _ in model.modules())
     return {
         "class": qualname(type(model)),
-        "modules": sum(1 for _ in model.modules()),
+        "modules": modules,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "digest": walk.sub(model).hex(),
+        # The budget grows with the model: every module's attributes (a kernel size, a stride) count.
+        "digest": walk.part(model, budget=MAX_NODES + _NODES_PER_MODULE * modules),
     }
 
 
@@ -175,7 +188,7 @@ def _data(dataset: Any, collate_fn: Any, walk: DataDigest) -> dict[str, Any] | N
     return {
         "dataset": qualname(type(dataset)),
         "collate_fn": qualname(collate_fn) if collate_fn is not None else None,
-        "digest": walk.sub((dataset, collate_fn), both).hex(),
+        "digest": walk.part((dataset, collate_fn), both),
     }
 
 
@@ -194,4 +207,4 @@ def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, walk: Digest)
         list((getattr(optimizer, name, None) or {}).values())
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
     ]
-    return {"type": qualname(type(optimizer)), "digest": walk.sub([type(optimizer), groups, hooks]).hex()}
+    return {"type": qualname(type(optimizer)), "digest": walk.part([type(optimizer), groups, hooks])}

@@ -114,8 +114,26 @@ class ProbeStore:
         return hit
 
     def save(self, result: ProbeResult) -> None:
-        if self._main:
-            self.cache.put(self.key, result, self.fingerprint)
+        """Store ``result`` under this setup's key, and under the key of the model as the probe left it.
+
+        A forward may set a module's attributes on its first call (Hugging Face's ``config.problem_type``,
+        a cache a layer builds lazily): the next probe of this model object in this process keys it as it
+        is now, and finds the result too.
+        """
+        if not self._main:
+            return
+        from autobatch.cache import cache_key
+        from autobatch.fingerprint import with_model
+
+        self.cache.put(self.key, result, self.fingerprint)
+        try:
+            after = with_model(self.fingerprint, self.prober.session.model)
+            key = cache_key(after)
+        except Exception as exc:  # the key is never why a probe fails: this second entry is a convenience
+            logger.debug("probe cache: the model's key after the probe could not be computed (%s)", exc)
+            return
+        if key != self.key:
+            self.cache.put(key, result, after)
 
     def drop(self) -> None:
         """Forget this setup's stored result (rank 0 deletes it): it failed its verification."""

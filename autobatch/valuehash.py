@@ -169,6 +169,12 @@ class ValueWalk:
         finally:
             self.hash = outer
 
+    def part(self, value: Any, walk: Callable[[Any], object] | None = None, budget: int = MAX_NODES) -> str:
+        """The hex digest of one part of a key, under a size budget of its own: a large model cannot use up
+        what its loss function gets. What earlier parts hashed is reused, not hashed again."""
+        self.nodes, self.max_nodes = 0, budget
+        return self.sub(value, walk).hex()
+
     def value(self, value: Any) -> None:
         """Hash a value: plain ones by repr, everything else by what it holds."""
         if type(value) in PLAIN:

@@ -927,3 +927,27 @@ def test_a_model_of_10000_modules_is_stored_small_and_read_back(no_warnings: Non
     again = _probe(_Blocks(10_000), memory_limit="16MiB")
     assert again.cached is True and again.micro_batch == first.micro_batch
     assert _probe(_Blocks(10_002), memory_limit="16MiB").cached is False  # two modules more: another key
+
+
+class _SetsOnFirstForward(nn.Module):
+    """Records what its first batch says, as Hugging Face models set ``config.problem_type``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(64)
+        self.problem_type: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.problem_type is None:
+            self.problem_type = "single_label_classification"
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def test_a_model_that_sets_an_attribute_in_its_first_forward_is_found_again(no_warnings: None) -> None:
+    model = _SetsOnFirstForward()
+    first = _probe(model)
+    assert model.problem_type is not None and first.cached is False
+    again = _probe(model)  # the same object, its attribute now set: found under the key as it is now
+    assert again.cached is True and again.micro_batch == first.micro_batch
+    assert _probe(_SetsOnFirstForward()).cached is True  # a fresh one, as in the next process

@@ -407,3 +407,22 @@ def test_an_unchanged_setup_keeps_its_key_across_processes(tmp_path: Path) -> No
     assert len(first) == 64
     assert key(7, "2") == first  # other hook handle ids, another hash seed: the same key
     assert probe_key(**representative(3)) == first  # and in this process
+
+
+def _many(n: int, last: int) -> nn.Module:
+    """``n`` modules, each with a list attribute: more values than one part's budget (100,000)."""
+    blocks = nn.ModuleList(nn.Identity() for _ in range(n))
+    for block in blocks:
+        block.sizes = [1] * 8
+    blocks[-1].sizes = [last] * 8
+    return nn.Sequential(blocks, nn.Linear(8, 2))
+
+
+def test_a_large_model_leaves_the_other_parts_their_budget() -> None:
+    def keyed(last: int, k: float) -> str:
+        model = _many(12_000, last)
+        return probe_key(model, loss_fn=lambda out, y: F.cross_entropy(out, y) * k)
+
+    before = keyed(1, 1.0)
+    assert keyed(2, 1.0) != before  # the last module's attribute: the model's budget grows with it
+    assert keyed(1, 2.0) != before  # the loss function still has a budget of its own
