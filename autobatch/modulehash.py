@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from autobatch.valuehash import ValueWalk, attributes, is_instance, sorted_items
+from autobatch.valuehash import PLAIN, ValueWalk, attributes, is_instance, tensor_parts
 
 __all__ = ["ModuleWalk"]
 
@@ -53,22 +53,23 @@ class ModuleWalk(ValueWalk):
         for name, module in model.named_modules():
             own = attributes(module)
             children = own.get("_modules") or {}
-            self.text("module", name, len(children), *children)
-            self.add(type(module))
+            parts: list[object] = ["module", name, len(children), *children]  # one update: 10,000s of modules
             for kind in ("_parameters", "_buffers"):
                 for key, tensor in (own.get(kind) or {}).items():
-                    self.text(kind, key)
-                    self.value(tensor)
-            transient = own.get("_non_persistent_buffers_set")
-            if transient:
-                self.text("transient", *sorted(transient))
-            for key, attribute in sorted_items(own):
-                if key in _MODULE_INTERNALS or (_is_hooks(key, attribute) and not attribute):
-                    continue  # torch's own (read above), or no hooks
-                self.text("attribute", key)
-                if _is_hooks(key, attribute):
-                    self.hooks(own, key, attribute)
+                    parts += (kind, key, *(tensor_parts(tensor) if tensor is not None else ("None",)))
+            parts += ("transient", *sorted(own.get("_non_persistent_buffers_set") or ()))
+            self.text(*parts)
+            self.add(type(module))
+            for key in sorted(own.keys() - _MODULE_INTERNALS):
+                attribute = own[key]
+                if type(attribute) in PLAIN:  # most attributes (a width, a flag): one update
+                    self.text("attribute", key, type(attribute).__name__, repr(attribute))
+                elif _is_hooks(key, attribute):
+                    if attribute:  # no hooks: nothing to say
+                        self.text("hooks", key)
+                        self.hooks(own, key, attribute)
                 else:
+                    self.text("attribute", key)
                     self.value(attribute)
 
     def hooks(self, own: dict[str, Any], key: str, hooks: dict[Any, Any]) -> None:

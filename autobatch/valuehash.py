@@ -47,6 +47,7 @@ __all__ = [
     "items_of",
     "qualname",
     "sorted_items",
+    "tensor_parts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,11 @@ class ValueWalk:
         elif is_instance(value, CONTAINERS):
             self.container(value, self.value)
         elif is_array(value):
-            self.text("array", qualname(value), tuple(value.shape), value.dtype)
+            shape = tuple(value.shape)
+            if shape == () and hasattr(type(value), "item"):  # a NumPy scalar (np.float32(0.5)): a setting
+                self.text("scalar", qualname(value), value.item())
+            else:  # an array: its data is never read
+                self.text("array", qualname(value), shape, value.dtype)
         elif type(value) in (range, slice, bytearray):
             self.text(qualname(value), repr(value))
         elif is_stdlib(value) and not is_instance(value, NAMESPACES):
@@ -236,11 +241,16 @@ class ValueWalk:
                 item(v)
 
     def tensor(self, value: torch.Tensor) -> None:
-        try:
-            shape: object = tuple(value.shape)
-        except RuntimeError:  # a nested or otherwise shapeless tensor
-            shape = "?"
-        self.text("tensor", qualname(value), shape, value.dtype, value.requires_grad, value.device.type)
+        self.text(*tensor_parts(value))
+
+
+def tensor_parts(value: torch.Tensor) -> tuple[object, ...]:
+    """What a tensor counts by: its class, shape, dtype, ``requires_grad`` and device type, never its data."""
+    try:
+        shape: object = tuple(value.shape)
+    except RuntimeError:  # a nested or otherwise shapeless tensor
+        shape = "?"
+    return ("tensor", qualname(value), shape, value.dtype, value.requires_grad, value.device.type)
 
 
 def items_of(value: Any) -> list[Any]:

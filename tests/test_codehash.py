@@ -7,6 +7,7 @@ import logging
 import types
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -265,5 +266,7 @@ def test_containers_are_read_as_built_ins_never_through_their_own_methods() -> N
 
 def test_tensors_count_by_shape_and_dtype_never_their_data() -> None:
     assert code_digest(capturing(torch.zeros(3))) == code_digest(capturing(torch.ones(3)))
+    assert code_digest(capturing(np.zeros(3))) == code_digest(capturing(np.ones(3)))
+    assert code_digest(capturing(np.float32(0.5))) != code_digest(capturing(np.float32(0.25)))  # a setting
     assert code_digest(capturing(torch.zeros(3))) != code_digest(capturing(torch.zeros(4)))
     assert code_digest(capturing(torch.zeros(3))) != code_digest(capturing(torch.zeros(3).double()))
