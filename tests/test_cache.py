@@ -26,12 +26,12 @@ import autobatch
 from autobatch.cache import (
     CACHE_FORMAT,
     ENV_VAR,
-    MAX_FILE_BYTES,
     AutobatchCacheWarning,
     ProbeCache,
     cache_key,
     default_cache_dir,
 )
+from autobatch.cachefile import MAX_FILE_BYTES
 from autobatch.fingerprint import fingerprint
 from autobatch.prober import Prober
 from autobatch.result import ProbeResult
@@ -951,3 +951,15 @@ def test_a_model_that_sets_an_attribute_in_its_first_forward_is_found_again(no_w
     again = _probe(model)  # the same object, its attribute now set: found under the key as it is now
     assert again.cached is True and again.micro_batch == first.micro_batch
     assert _probe(_SetsOnFirstForward()).cached is True  # a fresh one, as in the next process
+
+
+def test_an_entry_of_an_older_format_is_stale_not_corrupt(no_warnings: None) -> None:
+    """After an upgrade, files of the older format are neither listed nor warned about; clear removes them."""
+    cache, fp = ProbeCache(), setup()
+    path = cache.put(cache_key(fp), made_result(), fp)
+    assert path is not None
+    data = json.loads(path.read_text())
+    data["format"] = CACHE_FORMAT - 1
+    path.write_text(json.dumps(data))
+    assert cache.get(cache_key(fp)) is None and cache.entries() == []
+    assert cache.clear() == 1 and not path.exists()
