@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import sys
 import tempfile
 import warnings
@@ -34,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from autobatch.cachefile import CorruptFile, read_regular
 from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.result import ProbeResult
 
@@ -47,8 +47,11 @@ __all__ = [
     "default_cache_dir",
 ]
 
-CACHE_FORMAT = 1
-"""The layout of a cache file; part of every key, so a new layout never reads an old file."""
+CACHE_FORMAT = 2
+"""The layout of a cache file; part of every key, so a new layout never reads an old file.
+
+2: the fingerprint holds digests of what grows with the model (no per-module lists), and the data and the
+torch settings."""
 
 ENV_VAR = "AUTOBATCH_CACHE_DIR"
 """The environment variable that overrides the default cache directory."""
@@ -102,53 +105,8 @@ def _when(created: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
-class _Corrupt(Exception):
-    """A cache file that exists but cannot be used."""
-
-
-MAX_FILE_BYTES = 1 << 20
-"""A cache file larger than this is not one autobatch wrote (one holds a few KiB): it is not read."""
-
-
-def _read_regular(path: Path) -> bytes:
-    """The bytes of the regular file at ``path`` (at most :data:`MAX_FILE_BYTES`).
-
-    A FIFO, a device (a symlink to ``/dev/zero``, say), a directory or an oversized file is refused without
-    being read, so no command can hang or fill memory on a hostile cache directory.
-
-    Raises:
-        FileNotFoundError: nothing is there (the directory may not exist yet): a plain miss.
-        _Corrupt: something is there, but not a cache file that can be read.
-    """
-    try:
-        before = os.stat(path)
-        if not stat.S_ISREG(before.st_mode):
-            raise _Corrupt("not a regular file")
-        if before.st_size > MAX_FILE_BYTES:
-            raise _Corrupt(f"{before.st_size} bytes, more than a cache file holds ({MAX_FILE_BYTES})")
-        # Non-blocking: were the file swapped for a FIFO after the stat, opening it could wait forever.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except (FileNotFoundError, NotADirectoryError):
-        raise
-    except OSError as exc:
-        raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Corrupt("not a regular file")
-        chunks, total = [], 0
-        while total <= MAX_FILE_BYTES:
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > MAX_FILE_BYTES:
-            raise _Corrupt(f"more than a cache file holds ({MAX_FILE_BYTES} bytes)")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise _Corrupt(f"cannot read it ({exc.strerror or exc})") from exc
-    finally:
-        os.close(fd)
+class _Stale(Exception):
+    """A file an earlier autobatch wrote, in an older format: never read, not corrupt; clear() removes it."""
 
 
 def _file_mode() -> int:
@@ -191,12 +149,15 @@ class ProbeCache:
         return self.directory / f"probe-{key[:40]}.json"
 
     def _load(self, path: Path) -> tuple[dict[str, Any], ProbeResult, int]:
-        """The file's JSON, its result and its size; raises FileNotFoundError when absent, else _Corrupt."""
-        raw = _read_regular(path)
+        """The file's JSON, its result and its size; raises FileNotFoundError when absent, _Stale for an
+        older format, else CorruptFile."""
+        raw = read_regular(path)
         try:
             data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict):
                 raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            if type(data["format"]) is int and 1 <= data["format"] < CACHE_FORMAT:
+                raise _Stale(f"format {data['format']}")
             if data["format"] != CACHE_FORMAT:
                 raise ValueError(f"format {data['format']!r}, expected {CACHE_FORMAT}")
             if not isinstance(data["key"], str) or not isinstance(data["fingerprint"], dict):
@@ -208,7 +169,7 @@ class ProbeCache:
                 raise ValueError(f"a largest fitting batch of {result.max_fitting_batch} in {size} samples")
         # JSON and Unicode errors are ValueErrors; deep nesting raises RecursionError.
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise _Corrupt(f"not a valid cache file ({type(exc).__name__}: {exc})") from exc
+            raise CorruptFile(f"not a valid cache file ({type(exc).__name__}: {exc})") from exc
         return data, result, len(raw)
 
     @staticmethod
@@ -225,9 +186,9 @@ class ProbeCache:
         path = self.path_for(key)
         try:
             data, result, _ = self._load(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, _Stale):
             return None
-        except _Corrupt as exc:
+        except CorruptFile as exc:
             self._warn_corrupt(path, str(exc))
             return None
         if data["key"] != key:  # a prefix collision or a copied file: not ours, a plain miss
@@ -279,20 +240,21 @@ class ProbeCache:
         return path
 
     def entries(self) -> list[CacheEntry]:
-        """Every valid stored result, newest first; a corrupt file is skipped with one warning."""
+        """Every valid stored result, newest first; a corrupt file is skipped with one warning, an older
+        autobatch's (an older format) silently."""
         found = []
         for path in self.directory.glob(_GLOB) if self.directory.is_dir() else ():
             try:
                 data, result, size = self._load(path)
-            except FileNotFoundError:  # removed by a concurrent clear()
+            except (FileNotFoundError, _Stale):  # removed by a concurrent clear(), or an older autobatch's
                 continue
-            except _Corrupt as exc:
+            except CorruptFile as exc:
                 self._warn_corrupt(path, str(exc))
                 continue
-            try:
-                model = str(data["fingerprint"]["model"]["modules"][0][1]).rsplit(".", 1)[-1]
-            except (KeyError, IndexError, TypeError):  # a fingerprint not made by fingerprint()
-                model = "?"
+            described = data["fingerprint"].get("model")
+            model = described.get("class") if isinstance(described, dict) else None
+            # The class's own name; "?" for a fingerprint not made by fingerprint().
+            model = model.rsplit(".", 1)[-1] if isinstance(model, str) and model else "?"
             found.append(
                 CacheEntry(
                     key=data["key"],

@@ -1,23 +1,28 @@
 """What the probe cache's key is made of: a JSON-safe fingerprint of everything a probe's answer depends on.
 
-:func:`fingerprint` describes the setup (model structure, optimizer, precision, device, memory limit, world
-size, sample shapes, dataset size, options, torch and autobatch versions);
-:func:`autobatch.cache.cache_key` hashes it. Any change gives a new key, so the cache probes again.
+:func:`fingerprint` describes the setup: the model (its submodules, their code, parameters, buffers,
+attributes and hooks), the optimizer, precision, device, memory limit, world size, sample shapes, the dataset
+(its code, settings and transforms, never its samples) and collate function, the torch settings that steer
+which kernels run (:mod:`autobatch.torchsettings`), the options, and the torch and autobatch versions;
+:func:`autobatch.cache.cache_key` hashes it. Any change gives a new key, so the cache probes again. The
+parts that grow with the model are stored as digests (:mod:`autobatch.codehash`): an entry stays a few KiB
+whatever the model's size, and names what ``autobatch cache show`` lists (the model's class, its size).
 
 Example:
     >>> import torch
     >>> from autobatch.cache import cache_key
     >>> fp = fingerprint(model=torch.nn.Linear(8, 2), optimizer=None, precision="fp32", device=torch.device(
     ...     "cpu"), memory_limit=None, world_size=1, sample=torch.randn(4, 8), dataset_size=64)
-    >>> fp["sample"], len(cache_key(fp))
-    ({'tensor': [4, 8], 'dtype': 'torch.float32'}, 64)
+    >>> fp["sample"], fp["model"]["class"], len(cache_key(fp))
+    ({'tensor': [4, 8], 'dtype': 'torch.float32'}, 'torch.nn.modules.linear.Linear', 64)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -27,35 +32,41 @@ from torch import nn
 
 from autobatch._version import __version__
 from autobatch.cache import CACHE_FORMAT
-from autobatch.codehash import code_digest, is_library
+from autobatch.codehash import Digest
+from autobatch.datahash import DataDigest
+from autobatch.torchsettings import torch_settings
+from autobatch.valuehash import MAX_NODES, qualname
 
-__all__ = ["fingerprint", "json_safe"]
+__all__ = ["fingerprint", "json_safe", "with_model"]
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _qualname(obj: Any) -> str:
-    """``module.qualname`` of a function or class; of its type for other callables (partials, instances)."""
-    if not hasattr(obj, "__qualname__"):
-        obj = type(obj)
-    return f"{getattr(obj, '__module__', None) or '?'}.{obj.__qualname__}"
+_NODES_PER_MODULE = 64
+"""What the walk of a model may spend per module, past :data:`~autobatch.valuehash.MAX_NODES`."""
+_SAMPLE_CHARS = 512
+"""A sample's shapes longer than this as JSON are stored as their digest: an entry stays small."""
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with only JSON types, stable across runs: callables by their code, the rest by repr."""
-    if value is None or isinstance(value, (bool, int, str)):
+def json_safe(value: Any, walk: Digest | None = None) -> Any:
+    """``value`` with only JSON types, stable across runs: plain values as they are, callables by their
+    code, anything else by the digest of what it holds (never its repr, which may hold an address).
+
+    Types are read from ``type()``: no property or ``__getattr__`` of a user's object runs. ``walk``: the
+    walk to share (what it already hashed is not hashed again).
+    """
+    walk = walk or Digest()
+    kind = type(value)
+    if value is None or kind in (bool, int, str):
         return value
-    if isinstance(value, float):
+    if kind is float:
         return value if math.isfinite(value) else repr(value)
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (torch.device, torch.dtype)):
+    if kind is dict:
+        return {str(k): json_safe(v, walk) for k, v in value.items()}
+    if kind in (list, tuple):
+        return [json_safe(v, walk) for v in value]
+    if kind in (torch.device, torch.dtype):
         return str(value)
     if callable(value):
-        return {"callable": _qualname(value), "code": code_digest(value)}
-    return _ADDRESS.sub("", repr(value))  # an object's address changes every run
+        return {"callable": qualname(value), "code": walk.part(value, walk.add)}
+    return {"object": qualname(value), "digest": walk.part(value)}
 
 
 def _shapes(sample: Any) -> Any:
@@ -68,7 +79,7 @@ def _shapes(sample: Any) -> Any:
         return {"sequence": [_shapes(v) for v in sample]}
     if hasattr(sample, "shape") and hasattr(sample, "dtype"):  # NumPy and friends
         return {"array": [int(n) for n in sample.shape], "dtype": str(sample.dtype)}
-    return {"type": _qualname(type(sample))}  # not the value: ids or paths vary from sample to sample
+    return {"type": qualname(type(sample))}  # not the value: ids or paths vary from sample to sample
 
 
 def _device_info(device: torch.device) -> dict[str, Any]:
@@ -98,10 +109,13 @@ def fingerprint(
     sample: Any,
     dataset_size: int,
     options: Mapping[str, Any] | None = None,
+    dataset: Any = None,
+    collate_fn: Any = None,
 ) -> dict[str, Any]:
     """A JSON-safe description of everything a probe's answer depends on; hash it with :func:`cache_key`.
 
-    Weights and the learning rate are left out (they do not change the memory a step takes).
+    Weights, the learning rate and the samples' values are left out (they do not change the memory a step
+    takes).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not an optimizer.
@@ -112,58 +126,85 @@ def fingerprint(
         raise TypeError(
             f"Expected `optimizer` to be a torch.optim.Optimizer or None, but got {type(optimizer).__name__}."
         )
-    return {
+    walk = DataDigest()  # one walk for every part: code they share (a library's) is hashed once
+    fp = {
         "format": CACHE_FORMAT,
         "autobatch": __version__,
         "torch": str(torch.__version__),
         "python": sys.version.split()[0],  # bytecode differs between Python versions
-        "model": {
-            "modules": [[name, _qualname(type(m))] for name, m in model.named_modules()],
-            "parameters": [
-                [name, list(p.shape), str(p.dtype), p.requires_grad] for name, p in model.named_parameters()
-            ],
-            "buffers": [[name, list(b.shape), str(b.dtype)] for name, b in model.named_buffers()],
-            "attributes": _plain_attributes(model),
-            "code": code_digest(*sorted({type(m) for m in model.modules()}, key=_qualname)),
-        },
-        "optimizer": _optimizer(model, optimizer) if optimizer is not None else None,
+        "model": _model(model, walk),
+        "optimizer": _optimizer(model, optimizer, walk) if optimizer is not None else None,
         "precision": str(precision),
         "device": _device_info(torch.device(device)),
         "memory_limit": memory_limit,
         "world_size": world_size,
-        "sample": _shapes(sample),
+        "sample": _sample(sample),
         "dataset_size": dataset_size,
-        "options": json_safe(dict(options or {})),
+        "data": _data(dataset, collate_fn, walk),
+        "settings": torch_settings(),
+        "options": json_safe(dict(options or {}), walk),
     }
+    walk.report()
+    return fp
 
 
-_PLAIN = (bool, int, float, str, type(None))
-_NOT_STATE = frozenset({"training"})
-
-
-def _plain_attributes(model: nn.Module) -> list[list[Any]]:
-    """Every module's plain public attributes (a copy count, a flag): they steer what forward does."""
-    found = []
-    for name, module in model.named_modules():
-        for key, value in sorted(vars(module).items()):
-            if key.startswith("_") or key in _NOT_STATE:
-                continue
-            plain = isinstance(value, _PLAIN) or (
-                isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
-            )
-            if plain:
-                found.append([name, key, json_safe(value)])
+def with_model(fp: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``fp`` with the model's part taken again: a forward may set a module's attributes on its first call
+    (Hugging Face's ``config.problem_type``, a cache a layer builds lazily)."""
+    walk = DataDigest()
+    found = {**fp, "model": _model(model, walk)}
+    walk.report()
     return found
 
 
-def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's type (its code, when it is the user's), settings, and which parameters it holds."""
+def _model(model: nn.Module, walk: Digest) -> dict[str, Any]:
+    """The model's class and size, to read, and the digest of all it is: submodules, code, state, hooks."""
+    modules = sum(1 for _ in model.modules())
+    return {
+        "class": qualname(type(model)),
+        "modules": modules,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        # The budget grows with the model: every module's attributes (a kernel size, a stride) count.
+        "digest": walk.part(model, budget=MAX_NODES + _NODES_PER_MODULE * modules),
+    }
+
+
+def _sample(sample: Any) -> Any:
+    shapes = _shapes(sample)
+    text = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+    return shapes if len(text) <= _SAMPLE_CHARS else {"digest": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _data(dataset: Any, collate_fn: Any, walk: DataDigest) -> dict[str, Any] | None:
+    """The dataset's and the collate function's names, and the digest of their code, settings and
+    transforms (never of the samples: a dataset may hold gigabytes)."""
+    if dataset is None and collate_fn is None:
+        return None
+
+    def both(pair: tuple[Any, Any]) -> None:
+        for value in pair:
+            walk.data(value)
+
+    return {
+        "dataset": qualname(type(dataset)),
+        "collate_fn": qualname(collate_fn) if collate_fn is not None else None,
+        "digest": walk.part((dataset, collate_fn), both),
+    }
+
+
+def _optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, walk: Digest) -> dict[str, Any]:
+    """The optimizer's type, and a digest of its code (when it is the user's), settings, hooks and which
+    parameters it holds."""
     names = {id(p): name for name, p in model.named_parameters()}
-    groups = []
-    for group in optimizer.param_groups:
-        settings = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
-        held = [names.get(id(p), f"<{list(p.shape)}>") for p in group["params"]]
-        groups.append({"params": held, "settings": json_safe(dict(sorted(settings.items())))})
-    kind = type(optimizer)
-    code = None if is_library(kind.__module__) else code_digest(kind)
-    return {"type": _qualname(kind), "code": code, "groups": groups}
+    groups = [
+        (
+            [names.get(id(p), f"<{list(p.shape)}>") for p in group["params"]],
+            {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")},
+        )
+        for group in optimizer.param_groups
+    ]
+    hooks = [
+        list((getattr(optimizer, name, None) or {}).values())
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+    ]
+    return {"type": qualname(type(optimizer)), "digest": walk.part([type(optimizer), groups, hooks])}

@@ -2,11 +2,17 @@
 
 :mod:`autobatch.cache` stores results on disk and :mod:`autobatch.fingerprint` describes a setup; this
 module joins them for one :class:`~autobatch.prober.Prober`: rank 0 reads and writes, the other ranks take
-its answer.
+its answer. The key is never why a probe fails: when it cannot be computed (user code that raises while
+it is read, say) the probe runs without the cache, with one :class:`~autobatch.cache.AutobatchCacheWarning`
+per cause and process.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from autobatch.result import ProbeResult
@@ -15,6 +21,28 @@ if TYPE_CHECKING:
     from autobatch.prober import Prober
 
 __all__ = ["ProbeStore"]
+
+logger = logging.getLogger("autobatch.probe")
+
+_warned: set[str] = set()
+"""The causes already warned about in this process: the next ones are logged at debug level."""
+
+
+def _key_failed(exc: Exception) -> None:
+    """Say, once per cause, that the cache is off for this call because its key could not be computed."""
+    from autobatch.cache import AutobatchCacheWarning
+
+    cause = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")[:300]
+    if cause in _warned:
+        logger.debug("probe cache off for this call: its key could not be computed (%s)", cause)
+        return
+    _warned.add(cause)
+    warnings.warn(
+        f"The probe cache is off for this call: its key could not be computed ({cause}). The probe runs "
+        "as usual, without the cache; pass cache=False to silence this.",
+        AutobatchCacheWarning,
+        stacklevel=4,
+    )
 
 
 class ProbeStore:
@@ -28,16 +56,14 @@ class ProbeStore:
     _RESOLVED = frozenset({"optimizer", "precision", "device", "memory_limit"})
     # (emulation is keyed as given: "auto" resolves by the limit, which the key holds too)
 
-    def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any]) -> None:
-        from autobatch.cache import cache_key
-
-        self.prober, self.cache, self.fingerprint, self.key = prober, cache, fp, cache_key(fp)
+    def __init__(self, prober: Prober, cache: Any, fp: dict[str, Any], key: str) -> None:
+        self.prober, self.cache, self.fingerprint, self.key = prober, cache, fp, key
         self.group = prober.session.group
 
     @classmethod
     def open(cls, prober: Prober, cap: int) -> ProbeStore | None:
-        """The store for this probe, or ``None`` with ``cache=False``."""
-        from autobatch.cache import ProbeCache
+        """The store for this probe, or ``None`` with ``cache=False`` or when the key cannot be computed."""
+        from autobatch.cache import ProbeCache, cache_key
         from autobatch.fingerprint import fingerprint
 
         session = prober.session
@@ -46,19 +72,35 @@ class ProbeStore:
             return None
         keyed = {**options.step.keyed(), **options.memory.keyed(), **options.probe.keyed()}
         keyed = {k: v for k, v in keyed.items() if k not in cls._RESOLVED}
-        fp = fingerprint(
-            model=session.model,
-            optimizer=prober.optimizer,
-            precision=session.precision,
-            device=session.device,
-            # Under a group the answer depends on the tightest rank's limit, not on this rank's.
-            memory_limit=prober.capacity if session.group is not None else prober.memory.limit,
-            world_size=session.group.world_size if session.group is not None else 1,
-            sample=session.source.worst_case(1, options.probe.size_fn),
-            dataset_size=len(session.source),
-            options={**keyed, "max_batch": cap},
-        )
-        return cls(prober, ProbeCache(options.cache.cache_dir), fp)
+        sample = session.source.worst_case(1, options.probe.size_fn)  # the user's data: its errors are theirs
+        started, failure = time.perf_counter(), None
+        try:
+            fp = fingerprint(
+                model=session.model,
+                optimizer=prober.optimizer,
+                precision=session.precision,
+                device=session.device,
+                # Under a group the answer depends on the tightest rank's limit, not on this rank's.
+                memory_limit=prober.capacity if session.group is not None else prober.memory.limit,
+                world_size=session.group.world_size if session.group is not None else 1,
+                sample=sample,
+                dataset_size=len(session.source),
+                options={**keyed, "max_batch": cap},
+                dataset=session.source.dataset,
+                collate_fn=session.source.collate_fn,
+            )
+            key = cache_key(fp)
+        except Exception as exc:  # the key must never be why a probe fails: any cause, the cache is off
+            failure = exc
+        failed = failure is not None
+        if session.group is not None:  # every rank uses the cache, or none does
+            failed = session.group.max([float(failed)])[0] > 0
+        if failure is not None:
+            _key_failed(failure)
+        if failed:
+            return None
+        logger.debug("probe cache key computed in %.3f s", time.perf_counter() - started)
+        return cls(prober, ProbeCache(options.cache.cache_dir), fp, key)
 
     @property
     def _main(self) -> bool:
@@ -72,8 +114,26 @@ class ProbeStore:
         return hit
 
     def save(self, result: ProbeResult) -> None:
-        if self._main:
-            self.cache.put(self.key, result, self.fingerprint)
+        """Store ``result`` under this setup's key, and under the key of the model as the probe left it.
+
+        A forward may set a module's attributes on its first call (Hugging Face's ``config.problem_type``,
+        a cache a layer builds lazily): the next probe of this model object in this process keys it as it
+        is now, and finds the result too.
+        """
+        if not self._main:
+            return
+        from autobatch.cache import cache_key
+        from autobatch.fingerprint import with_model
+
+        self.cache.put(self.key, result, self.fingerprint)
+        try:
+            after = with_model(self.fingerprint, self.prober.session.model)
+            key = cache_key(after)
+        except Exception as exc:  # the key is never why a probe fails: this second entry is a convenience
+            logger.debug("probe cache: the model's key after the probe could not be computed (%s)", exc)
+            return
+        if key != self.key:
+            self.cache.put(key, result, after)
 
     def drop(self) -> None:
         """Forget this setup's stored result (rank 0 deletes it): it failed its verification."""

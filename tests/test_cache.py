@@ -26,12 +26,12 @@ import autobatch
 from autobatch.cache import (
     CACHE_FORMAT,
     ENV_VAR,
-    MAX_FILE_BYTES,
     AutobatchCacheWarning,
     ProbeCache,
     cache_key,
     default_cache_dir,
 )
+from autobatch.cachefile import MAX_FILE_BYTES
 from autobatch.fingerprint import fingerprint
 from autobatch.prober import Prober
 from autobatch.result import ProbeResult
@@ -228,8 +228,11 @@ def test_the_fingerprint_is_json_and_stable() -> None:
     assert cache_key(fp) == cache_key(
         setup(options={"fn": lambda x: x, "obj": Weird(), "nan": float("nan"), "dtype": torch.bfloat16})
     )
-    assert fp["options"]["fn"]["callable"].endswith("<lambda>") and "0x" not in fp["options"]["obj"]
-    assert fp["device"]["type"] == "cpu" and fp["model"]["modules"][0][0] == ""
+    assert fp["options"]["fn"]["callable"].endswith("<lambda>") and "0x" not in json.dumps(
+        fp["options"]["obj"]
+    )
+    assert fp["device"]["type"] == "cpu" and fp["model"]["class"] == "torch.nn.modules.container.Sequential"
+    assert fp["model"]["modules"] == 4 and fp["model"]["parameters"] == 8 * 16 + 16 + 16 * 2 + 2
 
 
 # --- directories -----------------------------------------------------------------------------------
@@ -839,3 +842,124 @@ def test_files_honour_the_umask(umask: int) -> None:
     finally:
         os.umask(previous)
     assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# -- the key is never why a probe fails, and a big model's entry is read back (issue 18, defects 5, 6) -------
+
+
+def _deep(depth: int) -> list[Any]:
+    value: list[Any] = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _cyclic() -> list[Any]:
+    value: list[Any] = [1, 2]
+    value.append(value)
+    return value
+
+
+@pytest.mark.parametrize("held", [_cyclic, lambda: _deep(5000)], ids=["cyclic list", "list 5000 deep"])
+def test_a_cyclic_or_deep_value_in_a_step_fn_closure_is_keyed(
+    held: Callable[[], Any], no_warnings: None
+) -> None:
+    def make_step(value: Any) -> Callable[[nn.Module, Any], torch.Tensor]:
+        return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]) * (len(value) > 0)
+
+    first = _probe(mlp(64), step_fn=make_step(held()))
+    again = _probe(mlp(64), step_fn=make_step(held()))
+    assert first.cached is False and again.cached is True and again.micro_batch == first.micro_batch
+
+
+class _Unmaterialised(torch.Tensor):
+    """A tensor subclass that refuses every query until it is materialised: reading its shape raises."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise RuntimeError("not materialised yet")
+
+
+def test_a_key_that_cannot_be_computed_turns_the_cache_off_for_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("autobatch.probestore._warned", set())
+    pending = torch.zeros(4).as_subclass(_Unmaterialised)
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y) if pending is not None else out.sum()
+
+    first = one_warning(lambda: _probe(mlp(64), loss_fn=loss))
+    assert "the probe cache is off for this call" in one_warning.last.lower()  # type: ignore[attr-defined]
+    assert "RuntimeError: not materialised yet" in one_warning.last  # type: ignore[attr-defined]
+    assert first.cached is False and first.micro_batch == _fresh(mlp(64), loss_fn=loss)
+    assert ProbeCache().entries() == []  # nothing stored under a key that does not describe the setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per cause and process: the next call only logs it
+        again = _probe(mlp(64), loss_fn=loss)
+    assert again.cached is False and again.micro_batch == first.micro_batch
+
+
+class _Blocks(nn.Module):
+    """``n`` cheap modules (identities, and frozen 1-by-1 linears the step skips) before a small head."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Identity() if i % 2 else nn.Linear(1, 1) for i in range(n))
+        self.blocks.requires_grad_(False)
+        self.head = mlp(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if isinstance(block, nn.Identity):
+                x = block(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+def test_a_model_of_10000_modules_is_stored_small_and_read_back(no_warnings: None) -> None:
+    first = _probe(_Blocks(10_000), memory_limit="16MiB")
+    (entry,) = ProbeCache().entries()
+    assert entry.size_bytes < 16 * 1024  # a few KiB: it was 2.3 MB, over the read cap, and never read back
+    assert entry.model == "_Blocks"
+    fp = json.loads(entry.path.read_text())["fingerprint"]
+    assert fp["model"]["modules"] == 10_006 and fp["model"]["class"].endswith("._Blocks")
+    again = _probe(_Blocks(10_000), memory_limit="16MiB")
+    assert again.cached is True and again.micro_batch == first.micro_batch
+    assert _probe(_Blocks(10_002), memory_limit="16MiB").cached is False  # two modules more: another key
+
+
+class _SetsOnFirstForward(nn.Module):
+    """Records what its first batch says, as Hugging Face models set ``config.problem_type``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(64)
+        self.problem_type: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.problem_type is None:
+            self.problem_type = "single_label_classification"
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def test_a_model_that_sets_an_attribute_in_its_first_forward_is_found_again(no_warnings: None) -> None:
+    model = _SetsOnFirstForward()
+    first = _probe(model)
+    assert model.problem_type is not None and first.cached is False
+    again = _probe(model)  # the same object, its attribute now set: found under the key as it is now
+    assert again.cached is True and again.micro_batch == first.micro_batch
+    assert _probe(_SetsOnFirstForward()).cached is True  # a fresh one, as in the next process
+
+
+def test_an_entry_of_an_older_format_is_stale_not_corrupt(no_warnings: None) -> None:
+    """After an upgrade, files of the older format are neither listed nor warned about; clear removes them."""
+    cache, fp = ProbeCache(), setup()
+    path = cache.put(cache_key(fp), made_result(), fp)
+    assert path is not None
+    data = json.loads(path.read_text())
+    data["format"] = CACHE_FORMAT - 1
+    path.write_text(json.dumps(data))
+    assert cache.get(cache_key(fp)) is None and cache.entries() == []
+    assert cache.clear() == 1 and not path.exists()

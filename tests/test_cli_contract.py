@@ -843,7 +843,7 @@ def _markup_entry(directory: Path, source: Path) -> dict[str, Any]:
     data = json.loads(source.read_text())
     data["key"] = secrets.token_hex(32)
     data["result"]["device"] = "[/device]"
-    data["fingerprint"]["model"]["modules"][0][1] = "evil.[/model]"
+    data["fingerprint"]["model"]["class"] = "evil.[/model]"
     (directory / _entry_name(data["key"])).write_text(json.dumps(data))
     return data
 

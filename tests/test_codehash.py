@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import logging
 import types
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from autobatch.codehash import code_digest, is_library
+from autobatch.valuehash import MAX_NODES
 
 
 def defined(source: str, name: str, namespace: dict[str, Any] | None = None) -> Any:
@@ -130,3 +134,139 @@ def test_a_class_held_as_a_value_counts_as_a_class_not_an_array() -> None:
     tensor = defined(source.format(cls="torch.Tensor"), "kind")
     parameter = defined(source.format(cls="torch.nn.Parameter"), "kind")
     assert code_digest(tensor) == code_digest(tensor) != code_digest(parameter)
+
+
+# -- the walk ends on every value (issue 18, defect 5) -------------------------------------------------------
+
+
+def capturing(value: Any) -> Any:
+    """A step function whose closure holds ``value``, as a user's would."""
+    return lambda model, batch: model(batch[0]).sum() * len(value)
+
+
+def nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def test_self_referencing_lists_and_dicts_are_hashed() -> None:
+    first: list[Any] = [1, 2]
+    first.append(first)
+    other: list[Any] = [1, 3]
+    other.append(other)
+    table: dict[str, Any] = {"copies": 2}
+    table["self"] = table
+    for value in (first, table):
+        assert len(code_digest(capturing(value))) == 64
+        assert code_digest(capturing(value)) == code_digest(capturing(value))
+    assert code_digest(capturing(first)) != code_digest(capturing(other))  # what was seen still counts
+
+
+def test_a_list_nested_5000_deep_is_hashed_to_the_depth_budget(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="autobatch.valuehash"):
+        deep = code_digest(capturing(nested(5000, 1)))
+    assert "walk was cut" in caplog.text and "depth" in caplog.text
+    assert deep == code_digest(capturing(nested(5000, 1)))
+    assert code_digest(capturing([nested(5000, 1), 2])) != code_digest(capturing([nested(5000, 1), 3]))
+    chain = types.SimpleNamespace(next=None)
+    for _ in range(5000):  # a linked list: objects nested as deep
+        chain = types.SimpleNamespace(next=chain)
+    assert len(code_digest(capturing(chain))) == 64
+
+
+def test_a_huge_value_is_hashed_to_the_size_budget(caplog: pytest.LogCaptureFixture) -> None:
+    big = list(range(MAX_NODES * 3))
+    with caplog.at_level(logging.DEBUG, logger="autobatch.valuehash"):
+        first = code_digest(capturing(big))
+    assert "size" in caplog.text
+    assert first == code_digest(capturing(list(big)))
+    assert first != code_digest(capturing([-1, *big]))  # the items seen count
+    many = {str(i): i for i in range(MAX_NODES * 2)}  # past the budget: by its length, whatever the order
+    assert code_digest(capturing(many)) == code_digest(capturing(dict(reversed(many.items()))))
+
+
+def test_a_value_shared_twice_hashes_as_two_copies() -> None:
+    """The visited set reuses a digest, so sharing (which varies with how a value was built) never counts."""
+    shared = [1, 2]
+    assert code_digest(capturing([shared, shared])) == code_digest(capturing([[1, 2], [1, 2]]))
+
+
+# -- what a step reads (issue 18, defect 1) ------------------------------------------------------------------
+
+
+def test_a_global_constant_the_code_reads_counts() -> None:
+    forward = defined("COPIES = 1\ndef forward(x):\n    return [x] * COPIES\n", "forward")
+    before = code_digest(forward)
+    forward.__globals__["COPIES"] = 4
+    assert code_digest(forward) != before
+    forward.__globals__["COPIES"] = 1
+    assert code_digest(forward) == before
+
+
+def test_a_global_the_code_writes_is_its_state_not_its_setup() -> None:
+    step = defined("calls = 0\ndef step(x):\n    global calls\n    calls += 1\n    return x\n", "step")
+    before = code_digest(step)
+    step(1)
+    assert step.__globals__["calls"] == 1 and code_digest(step) == before
+
+
+def test_a_bound_method_counts_with_its_instance() -> None:
+    class Trainer:
+        def __init__(self, copies: int) -> None:
+            self.copies = copies
+
+        def step(self, model: Any, batch: Any) -> Any:
+            return model(batch) * self.copies
+
+    assert code_digest(Trainer(1).step) == code_digest(Trainer(1).step) != code_digest(Trainer(4).step)
+
+
+def test_an_object_holding_a_list_counts_with_the_list() -> None:
+    class Holder:
+        def __init__(self, sizes: list[int]) -> None:
+            self.sizes = sizes
+
+    assert code_digest(capturing(Holder([8]))) == code_digest(capturing(Holder([8])))
+    assert code_digest(capturing(Holder([8]))) != code_digest(capturing(Holder([8, 8])))
+
+
+def test_an_object_whose_attribute_access_raises_is_read_past_it() -> None:
+    class Guarded:
+        def __init__(self, copies: int) -> None:
+            self.copies = copies
+
+        def __getattribute__(self, name: str) -> Any:
+            raise RuntimeError(f"no access to {name}")
+
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    assert code_digest(capturing(Guarded(1))) == code_digest(capturing(Guarded(1)))
+    assert code_digest(capturing(Guarded(1))) != code_digest(capturing(Guarded(2)))
+
+
+class _Lazy(list):  # type: ignore[type-arg]
+    """A user's list that cannot be iterated yet (and a mapping that would import on ``items()``)."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("not loaded")
+
+
+class _LazyMap(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise RuntimeError("would import every model module")
+
+
+def test_containers_are_read_as_built_ins_never_through_their_own_methods() -> None:
+    assert code_digest(capturing(_Lazy([1, 2]))) == code_digest(capturing(_Lazy([1, 2])))
+    assert code_digest(capturing(_Lazy([1, 2]))) != code_digest(capturing(_Lazy([1, 2, 3])))
+    assert code_digest(capturing(_LazyMap(a=1))) != code_digest(capturing(_LazyMap(a=2)))
+
+
+def test_tensors_count_by_shape_and_dtype_never_their_data() -> None:
+    assert code_digest(capturing(torch.zeros(3))) == code_digest(capturing(torch.ones(3)))
+    assert code_digest(capturing(np.zeros(3))) == code_digest(capturing(np.ones(3)))
+    assert code_digest(capturing(np.float32(0.5))) != code_digest(capturing(np.float32(0.25)))  # a setting
+    assert code_digest(capturing(torch.zeros(3))) != code_digest(capturing(torch.zeros(4)))
+    assert code_digest(capturing(torch.zeros(3))) != code_digest(capturing(torch.zeros(3).double()))
