@@ -210,7 +210,7 @@ def _probe(
         hit = store.lookup() if store is not None else None
         hint = hit.max_fitting_batch if hit is not None and hit.max_fitting_batch <= cap else None
         result = prober.search(cap, hint=hint)
-    if hit is not None and prober.accepted and result.max_fitting_batch == hit.max_fitting_batch:
+    if hit is not None and result.max_fitting_batch == hit.max_fitting_batch:
         # Trust, but verify: the answer survives, and the memory model its verification recorded
         # predicts no larger one.
         verified = dataclasses.replace(

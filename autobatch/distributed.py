@@ -81,6 +81,14 @@ def local_device() -> torch.device | None:
     return None
 
 
+def _unmeasured() -> contextlib.AbstractContextManager[Any]:
+    """Outside an emulated device's count: the few bytes a collective's buffers take are not the model's,
+    and gloo frees them on its own threads, which would make a step's trace differ from rank to rank."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 @dataclass(frozen=True)
 class Group:
     """The data-parallel ranks of the default process group, seen from this rank."""
@@ -95,9 +103,10 @@ class Group:
         return self.rank == 0
 
     def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
-        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=op)
-        return [float(v) for v in tensor.tolist()]
+        with _unmeasured():
+            tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+            dist.all_reduce(tensor, op=op)
+            return [float(v) for v in tensor.tolist()]
 
     def max(self, values: Sequence[float]) -> list[float]:
         """Element-wise maximum over ranks."""
@@ -119,10 +128,11 @@ class Group:
 
     def exchange(self, values: Sequence[float]) -> list[list[float]]:
         """Every rank's ``values`` (the same length on every rank), in rank order, on every rank."""
-        mine = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        out = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(out, mine)
-        return [[float(v) for v in t.tolist()] for t in out]
+        with _unmeasured():
+            mine = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+            out = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(out, mine)
+            return [[float(v) for v in t.tolist()] for t in out]
 
     def check_same(self, what: str, value: int) -> None:
         """Raise on every rank unless every rank has the same ``value`` (a dataset length, say)."""
@@ -147,11 +157,24 @@ class Group:
         In place and per parameter, so the reduction needs no device memory beyond the gradients the
         probe already measured; the reductions are launched together and awaited at the end.
         """
-        works = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            works.append(dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True))
+        if self.device.type == "cpu":
+            # gloo: reduce one flat copy, outside an emulated device's count. gloo's threads release
+            # the tensors they reduce a moment after the wait returns; were they the gradients, an
+            # emulated device would see them freed at a different moment on every run (a GPU's NCCL
+            # reduces in place, and the gradients are there anyway).
+            with _unmeasured(), torch.no_grad():
+                grads = [p.grad for p in params if p.grad is not None]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            return
+        works = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True) for p in params]
         for work in works:
             work.wait()
 

@@ -16,6 +16,7 @@ order), and ``("mark", label)`` where the training step marks a phase (a micro-s
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
@@ -67,6 +68,7 @@ class Ledger:
         self.block_bytes = block_bytes
         self.allocator = CachingAllocator(limit, config or AllocatorConfig()) if allocator else None
         self._live: dict[Hashable, _Entry] = {}  # a storage's key, or ("synthetic", id)
+        self._lock = threading.RLock()
         self._next_index = 0
         self.allocated_bytes = 0
         self.peak_bytes = 0
@@ -103,9 +105,10 @@ class Ledger:
             torch.OutOfMemoryError: they do not fit under the limit; nothing was counted.
         """
         sizes = [st.nbytes() for st in storages]
-        handles = self._malloc(sizes)
-        for st, nbytes, handle in zip(storages, sizes, handles, strict=True):
-            self._add(st._cdata, nbytes, handle, self._watch(st))
+        with self._lock:
+            handles = self._malloc(sizes)
+            for st, nbytes, handle in zip(storages, sizes, handles, strict=True):
+                self._add(st._cdata, nbytes, handle, self._watch(st))
 
     def grow(self, key: int, storage: torch.UntypedStorage) -> None:
         """A counted storage that an op resized in place: a block for its new size, the old one freed."""
@@ -169,9 +172,10 @@ class Ledger:
         def freed(ref: Any) -> None:
             owner = ledger()
             if owner is not None:
-                entry = owner._live.get(key)
-                if entry is not None and entry.ref is ref:
-                    owner._remove(key)
+                with owner._lock:  # another thread (a loader's, a backend's) may drop the last reference
+                    entry = owner._live.get(key)
+                    if entry is not None and entry.ref is ref:
+                        owner._remove(key)
 
         return weakref.ref(storage, freed)
 
@@ -182,7 +186,8 @@ class Ledger:
         if self.allocator is not None:
             self.allocator.reset_peaks()
         self._trace, self._region = ([] if trace else None), {}
-        live = sorted(self._live.values(), key=lambda e: e.index)
+        with self._lock:
+            live = sorted(self._live.values(), key=lambda e: e.index)
         self._residents = {e.index: j for j, e in enumerate(live)} if trace else {}
         self.resident_sizes = [e.nbytes for e in live] if trace else []
 

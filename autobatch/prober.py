@@ -99,7 +99,6 @@ class Prober:
             capacity = int(session.group.min([capacity])[0])
         self.capacity = capacity
         self.trials = Trials(self, chunks)
-        self.accepted = False  # the search ended by accepting its hint (a cached answer) as the maximum
         self._predictor: SurvivalPredictor | None = None
 
     @property
@@ -240,14 +239,14 @@ class Prober:
         run = partial(run_trial, clock=time.perf_counter, on_trial=on_trial, case=case)
         timeline = self.strategy == "timeline"
         first = min(max(2, self.floor), cap)
-        hint = hint if hint is not None and first < hint <= cap else None
+        hint = hint if hint is not None and self.floor <= hint <= cap else None
         traced: list[Trial] = []
         if timeline:
             trace_first = self.trials.trace_cold if case == "longest" else self.trials.warm
             role = "cold" if case == "longest" else "steady"
             traced.append(run(partial(trace_first, case=case), first, role=role))
             for second in (hint, first + 1):  # the hint, or the batch after the first where it failed
-                if second is not None and traced[-1].fitted and second <= cap:
+                if second is not None and first < second <= cap and traced[0].fitted:
                     traced.append(run(partial(self.trials.warm, case=case), second, role="steady"))
                     if traced[-1].fitted:
                         break
@@ -264,7 +263,6 @@ class Prober:
             trial = run(partial(self.verdict, case=case), hint)
             traced.append(trial)
             if trial.fitted:
-                self.accepted = True
                 return SearchOutcome(hint, hint + 1 if hint < cap else None, traced)
             upper = hint - 1
             start = self.floor if upper < self.floor else start

@@ -108,10 +108,11 @@ def assert_fits(
     memory_limit: int | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     precision: str = "auto",
-    steps: int = 2,
+    steps: int | None = None,
     **options: Any,
 ) -> autobatch.Trial:
-    """Assert that ``steps`` steady-state training steps at ``batch_size`` fit in ``memory_limit``.
+    """Assert that training at ``batch_size`` survives in ``memory_limit``, as the probe defines it: from a
+    cold start and from steady state, over consecutive steps with the allocator's cache carried.
 
     Args:
         model: the model, on the device to test.
@@ -120,7 +121,8 @@ def assert_fits(
         batch_size: the micro-batch to check.
         memory_limit: bytes or e.g. ``"4GiB"``; default: the test's ``@pytest.mark.memory_limit``.
         optimizer, precision, options: as for :func:`autobatch.try_batch` (``loss_fn``, ``step_fn``, …).
-        steps: training steps to run at ``batch_size`` after the warm-up.
+        steps: also run this many consecutive steps from a cold start for real (see
+            :func:`autobatch.try_batch`).
 
     Returns:
         The :class:`autobatch.Trial` (``.peak_bytes`` is the measured peak).
@@ -139,7 +141,8 @@ def assert_fits(
     """
     __tracebackhide__ = True  # pytest shows the AssertionError at the caller, not in here
     check_positive_int(batch_size, "batch_size")
-    check_positive_int(steps, "steps")
+    if steps is not None:
+        check_positive_int(steps, "steps")
     data = _repeat(sample, batch_size)
     limit = resolve_memory_limit(memory_limit)
     if limit is None:
@@ -168,7 +171,9 @@ def assert_fits(
     best_peak = max((t.peak_bytes or 0 for t in result.trials if t.fitted and t.batch == best), default=0)
     fits = f"largest batch that fits: {best}" + (f" (peak {format_bytes(best_peak)})" if best_peak else "")
     if best >= batch_size:
-        fits += f" for one step, but not {steps} steps in a row (memory grows from step to step)"
+        fits += " for one step, but not over consecutive steps (memory grows from step to step)"
+    elif result.decided_by is not None:
+        fits += f", decided by {result.decided_by}"
     raise AssertionError(f"batch {batch_size} does not fit in {where}: {peak}; {fits}")
 
 

@@ -66,6 +66,28 @@ class Trials:
         self.steps = 0
         self.samples = 0
 
+    # -- agreement across ranks ------------------------------------------------------------------------
+    def _all(self, flag: bool) -> bool:
+        """``flag`` where every rank has it: ranks that branch alike run the same steps (a step is a
+        collective), whatever each one's traces say."""
+        group = self.prober.session.group
+        return flag if group is None else bool(group.min([1.0 if flag else 0.0])[0])
+
+    def _decisive(self, survival: Survival) -> tuple[str, int, bool] | None:
+        """The step that decides a verdict, the same on every rank: the replay's where they agree, else
+        the latest of theirs from a cold start, run for real. ``None`` where nothing fits at all."""
+        step = survival.failure or survival.binding
+        mine = (COLD, 0, False) if step is None else (step.start, step.step, step.fitted)
+        group = self.prober.session.group
+        if group is None:
+            return None if step is None else mine
+        rows = group.exchange([float(mine[0] == COLD), float(mine[1]), float(mine[2])])
+        if any(row[1] == 0 for row in rows):
+            return None
+        if all(row == rows[0] for row in rows):
+            return mine
+        return COLD, -int(max(row[1] for row in rows)), all(row[2] for row in rows)  # negative: for real
+
     # -- one step --------------------------------------------------------------------------------------
     def _sizes(self, batch: int, planned: bool = True) -> list[int]:
         """The micro-batches of a step at ``batch``: the plan's (``planned``, where there is one), or the
@@ -134,7 +156,7 @@ class Trials:
 
     def warm(self, batch: int, case: str = "longest") -> Peaks:
         """A traced step from steady state (a cold step first, where there is no optimizer state yet)."""
-        if not self._started:
+        if not self._all(self._started):
             self.cold(batch, case)
         with self.memory.carried(self.stepper.state_tensors()):
             peaks, timeline = self._step(batch, case, trace=True, planned=False)
@@ -188,16 +210,18 @@ class Trials:
         when it does not survive.
         """
         survival = self.survival(model, batch)
-        decisive = survival.failure or survival.binding
+        decisive = self._decisive(survival)
         if decisive is None:  # the resident tensors alone do not fit
             raise OutOfMemory
+        start, step, expected = decisive
         try:
-            peaks, timeline = self._run_at(batch, case, model, decisive.start, decisive.step)
+            peaks, timeline = self._run_at(batch, case, model, start, step)
         except OutOfMemory:
-            if decisive.fitted:  # a surprise: the model said it fits
+            if expected:  # a surprise: the model said it fits
                 return self._settled(batch, case, model)
             raise
-        if not decisive.fitted or (timeline is not None and not self._agrees(model, timeline, batch)):
+        exact = timeline is None or self._agrees(model, timeline, batch)
+        if not self._all(expected and exact):
             return self._settled(batch, case, model)
         return Verdict(True, peaks, survival)
 
@@ -226,14 +250,16 @@ class Trials:
         self._ran.pop((case, STEADY, batch), None)
         self.warm_traces[case].pop(batch, None)
         self.warm(batch, case)
-        model = fit_step_model(longest[max(longest)], [self.warm_traces[case][batch]], cold_micro=False)
-        if model is None:
+        traced = self.warm_traces[case].get(batch)
+        model = None if traced is None else fit_step_model(longest[max(longest)], [traced], cold_micro=False)
+        if not self._all(model is not None):
             return self.exact(batch, case)
+        assert model is not None
         survival = self.survival(model, batch)
-        decisive = survival.failure or survival.binding
+        decisive = self._decisive(survival)
         if decisive is None:
             raise OutOfMemory
-        peaks, _ = self._run_at(batch, case, model, decisive.start, decisive.step)
+        peaks, _ = self._run_at(batch, case, model, decisive[0], decisive[1])
         return Verdict(True, peaks, survival)
 
     def exact(self, batch: int, case: str = "longest") -> Verdict:
@@ -243,21 +269,23 @@ class Trials:
         with self.memory.carried(self.stepper.weight_tensors()):
             first, cold = self._step(batch, case, trace=True)  # a cold start's first and second steps
             second, warm = self._step(batch, case, trace=True)
-        if cold is None or warm is None:  # nothing traced (no limit to enforce): two steps fitted
+        model = None
+        if cold is not None and warm is not None:  # traced (a limit to enforce, or an observer)
+            self.cold_traces[case][batch], self.warm_traces[case][batch] = cold, warm
+            model = fit_step_model(cold, [warm])
+        if not self._all(model is not None):
             return Verdict(True, _highest(first, second), None)
-        self.cold_traces[case][batch], self.warm_traces[case][batch] = cold, warm
-        model = fit_step_model(cold, [warm])
-        if model is None:
-            return Verdict(True, _highest(first, second), None)
+        assert model is not None
         survival = self.survival(model, batch)
-        decisive = survival.failure or survival.binding
+        decisive = self._decisive(survival)
         if decisive is None:
             raise OutOfMemory
-        if decisive.start == COLD and decisive.step <= 2:  # ran already
-            if not decisive.fitted:
+        start, step, expected = decisive
+        if start == COLD and 0 < step <= 2:  # ran already
+            if not expected:
                 logger.debug("probe: the replay of batch %d disagrees with its run", batch)
             return Verdict(True, _highest(first, second), survival)
-        return Verdict(True, self._run_at(batch, case, model, decisive.start, decisive.step)[0], survival)
+        return Verdict(True, self._run_at(batch, case, model, start, step)[0], survival)
 
     def _run_at(
         self, batch: int, case: str, model: StepModel, start: str, step: int
@@ -265,26 +293,28 @@ class Trials:
         """Run step ``step`` of a training run from ``start`` at ``batch`` for real, where the replay of the
         steps before it leaves the allocator (the steps before run for real where that cannot be set up);
         its peaks, and its trace where it was taken."""
-        if step == 1 and (case, start, batch) in self._ran:  # that very step was traced already
+        if step < 0:  # the ranks disagreed on the decisive step: every rank runs that many, for real
+            return self.run_for_real(batch, case, start, -step), None
+        if self._all(step == 1 and (case, start, batch) in self._ran):  # that very step was traced already
             return self._ran[(case, start, batch)], None
         if start == COLD and step == 1:
             return self.cold(batch, case, planned=True)
-        if not self._started:
+        if not self._all(self._started):
             self.cold(batch, case)  # the state the replayed steps made must exist to stand in their blocks
         events = prefix(model, batch, start, step, chunks=self._sizes(batch) if self.chunks else None)
-        if events is None:
+        if not self._all(events is not None):
             return self.run_for_real(batch, case, start, step), None
         if start == COLD:
             resident, adopt = self.stepper.weight_tensors(), self.stepper.optimizer_state()
         else:
             resident, adopt = self.stepper.state_tensors(), []
-            if _sizes_of(resident) != sorted(model.warm_resident):  # state that other batches made
+            if not self._all(_sizes_of(resident) == sorted(model.warm_resident)):  # other batches' state
                 self.cold(batch, case)
                 resident = self.stepper.state_tensors()
-                if _sizes_of(resident) != sorted(model.warm_resident):
+                if not self._all(_sizes_of(resident) == sorted(model.warm_resident)):
                     return self.run_for_real(batch, case, start, step), None
-        with self.memory.carried(resident, prefix=events, adopt=adopt) as matched:
-            if matched:
+        with self.memory.carried(resident, prefix=events or (), adopt=adopt) as matched:
+            if self._all(matched):
                 return self._step(batch, case, trace=True)
         return self.run_for_real(batch, case, start, step), None
 

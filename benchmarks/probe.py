@@ -316,17 +316,20 @@ def measure(c: Case, limit: int, device: str) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | device | limit | one step | survives (judge) | probe | survives? | steps | OOMs | samples "
-        "| fixed point | decided by | expandable: predicted | expandable: probe | trials (−: OOM; c cold, s steady) |",
+        "| fixed point | decided by | expandable: predicted | expandable: probe "
+        "| trials (−: OOM; c cold, s steady) |",
         "|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         new = r["new"]
         exp = r.get("expandable")
         ratio = new["samples"] / max(r["true_max"], 1)
+        true_max = f"{r['true_max']}{'' if r['exhaustive'] else '*'}"
         lines.append(
             f"| {r['model']} | {r['mode']} | {format_bytes(r['limit'])} | {r['single_step']} "
-            f"| {r['true_max']}{'' if r['exhaustive'] else '*'} | {new['micro']} | {'yes' if r['survives'] else 'NO'} "
-            f"| {new['steps']} | {new['ooms']} | {new['samples']} ({ratio:.1f}×) | {new['fixed_point'] or '–'} "
+            f"| {true_max} | {new['micro']} | {'yes' if r['survives'] else 'NO'} "
+            f"| {new['steps']} | {new['ooms']} | {new['samples']} ({ratio:.1f}×) "
+            f"| {new['fixed_point'] or '–'} "
             f"| {new['decided_by'] or '–'} | {new['expandable_predicted'] or '–'} "
             f"| {exp['micro'] if exp else '–'} | {' '.join(new['trials'])} |"
         )

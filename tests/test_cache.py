@@ -33,7 +33,6 @@ from autobatch.cache import (
 )
 from autobatch.cachefile import MAX_FILE_BYTES
 from autobatch.fingerprint import fingerprint
-from autobatch.prober import Prober
 from autobatch.result import ProbeResult
 from autobatch.search import Trial
 
@@ -493,24 +492,38 @@ def _data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 8, generator=g), torch.randint(0, 2, (n,), generator=g)
 
 
-def test_probe_reuses_its_cached_result_after_one_verifying_step(
-    monkeypatch: pytest.MonkeyPatch, no_warnings: None
-) -> None:
+def test_probe_reuses_its_cached_result_after_two_verifying_steps(no_warnings: None) -> None:
+    """A fresh hit costs two steps: the traced cold step at batch 2 and a steady one at the cached answer,
+    whose timelines predict that answer again (the answer's own step being the one that decides it)."""
     model, data = mlp(), _data()
     first = autobatch.probe(model, data, memory_limit="64KiB", precision="fp32", device="cpu")
     assert first.cached is False and first.verified is False and len(ProbeCache().entries()) == 1
-    tried: list[int] = []
-    real = Prober.trial
-
-    def trial(self: Prober, batch_size: int) -> Any:
-        tried.append(batch_size)
-        return real(self, batch_size)
-
-    monkeypatch.setattr(Prober, "trial", trial)
     second = autobatch.probe(mlp(), data, memory_limit="64KiB", precision="fp32", device="cpu")
     assert second.cached is True and second.verified is True
-    assert tried == [1, first.micro_batch]  # the warm-up, then one step at the cached micro-batch
-    assert replace(second, cached=False, verified=False) == first
+    assert second.optimizer_steps <= 3 < first.optimizer_steps + 1
+    assert replace(second, cached=False, verified=False, optimizer_steps=0, seconds=0.0) == replace(
+        first, optimizer_steps=0, seconds=0.0
+    )
+
+
+@pytest.mark.parametrize(("stored", "most_steps"), [(0.5, 4), (2.0, 5)], ids=["stale-small", "stale-large"])
+def test_a_stale_entry_is_probed_again_from_what_verification_learned(
+    stored: float, most_steps: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose answer is too small (the step got lighter, in a way no key sees) or too large
+    (heavier): the verification's two steps make the model, and two verdicts settle the right answer."""
+    model, data = mlp(), _data(1024)
+    truth = autobatch.probe(model, data, memory_limit="64KiB", precision="fp32", device="cpu")
+    (entry,) = ProbeCache().entries()
+    raw = json.loads(entry.path.read_text())
+    wrong = max(1, int(truth.max_fitting_batch * stored))
+    raw["result"].update(micro_batch=wrong, max_fitting_batch=wrong, first_failure=wrong + 1)
+    entry.path.write_text(json.dumps(raw))
+    again = autobatch.probe(mlp(), data, memory_limit="64KiB", precision="fp32", device="cpu")
+    assert again.cached is False and again.micro_batch == truth.micro_batch
+    assert again.optimizer_steps <= most_steps
+    assert f"the cached micro-batch {wrong} is too" in caplog.text
+    assert autobatch.probe(mlp(), data, memory_limit="64KiB", precision="fp32", device="cpu").cached
 
 
 def test_probe_cache_false_neither_reads_nor_writes(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
             "fit_user_ddp",
             {"n": N, "target_batch": 32, "micro_batch": 6, "seed": 3, "grad_clip": 0.1},
         ),
-        "user_ddp_probed": ("fit_user_ddp", {"n": N, "target_batch": 32, "memory_limit": "24KiB", "seed": 3}),
+        "user_ddp_probed": ("fit_user_ddp", {"n": N, "target_batch": 32, "memory_limit": "20KiB", "seed": 3}),
     }
 
 
