@@ -139,7 +139,13 @@ class EmulatedDevice(TorchDispatchMode):
         return self.ledger.peak_reserved_bytes
 
     def _counts(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and t.device == self.device and not t.is_meta
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return False
+        device = t.device
+        # "cpu:0" is the CPU (torchrun's device for a CPU rank); other devices by type and index.
+        return device.type == self.device.type and (
+            device.type == "cpu" or (device.index or 0) == (self.device.index or 0)
+        )
 
     def register(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count ``tensors`` as device memory from now on (views of counted storages add nothing).

@@ -131,11 +131,14 @@ def evaluate(
                 with torch.inference_mode(), autocast():
                     for start in range(0, len(data), n):
                         # One measured region per piece: its results then leave the device, as .cpu()
-                        # does on CUDA (on an emulated CPU device .cpu() is no copy, and the gathered
-                        # results would otherwise count against the limit).
+                        # does on CUDA (on an emulated CPU device .cpu() is no copy: the copy is made
+                        # after the region, and the device's results freed).
                         with memory.measure(resident) as measured:
                             piece = memory.transfer(data.collate(start, start + n))
-                            outs.append(tuple(torch.as_tensor(t).cpu() for t in fn(model, piece)))
+                            results = tuple(torch.as_tensor(t) for t in fn(model, piece))
+                            del piece
+                        outs.append(tuple(memory.to_host(t) for t in results))
+                        del results
                         peaks.append(measured)
                 return tuple(torch.cat(column) for column in zip(*outs, strict=True))
 

@@ -86,6 +86,20 @@ def model_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> ModelStat
     return ModelState(weights, trainable, estimate, estimated=True)
 
 
+_FRAMEWORKS = frozenset(
+    {"torch", "lightning", "pytorch_lightning", "lightning_fabric", "transformers", "accelerate", "datasets"}
+)
+
+
+def _foreign(value: object) -> bool:
+    """Whether ``value`` is a library's object other than a container: a trainer, a datamodule, a hook
+    handle; the walk never follows one (it would reach their datasets)."""
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return False
+    top = (type(value).__module__ or "").split(".")[0]
+    return top in _FRAMEWORKS
+
+
 def kept_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Tensors the model's modules keep outside their parameters and buffers: a scratch tensor or a cache
     in a plain attribute, past activations in a list, a tensor inside an object a module holds.
@@ -117,6 +131,8 @@ def kept_tensors(model: nn.Module) -> list[torch.Tensor]:
                 found.setdefault(id(value), value)
             continue
         if depth >= _KEPT_DEPTH or isinstance(value, (nn.Module, type)) or callable(value):
+            continue
+        if _foreign(value):  # a framework's object (a trainer, a datamodule): not the model's memory
             continue
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in list(value.values()))

@@ -385,6 +385,14 @@ class DeviceMemory:
         device, non_blocking = self.device, self.is_cuda
         return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the host, as ``.cpu()``; on an emulated device a copy, made outside any measured
+        region, so that the device's own copy leaves its count once freed (``.cpu()`` would be the same
+        storage)."""
+        if self.emulated:
+            return tensor.detach().clone()
+        return tensor.cpu()
+
     def describe(self) -> str:
         """One line for logs and tables: the limit and how it is enforced."""
         if self.limit is None:

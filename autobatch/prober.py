@@ -282,6 +282,24 @@ class Prober:
         outcome.trials = traced + outcome.trials
         return outcome
 
+    def _memory_line(self, case: str, best: int, line: Any) -> dict[str, Any]:
+        """``fixed_bytes + bytes_per_sample × batch``: the line through the replayed peaks of training at
+        the smallest traced batch and at the answer (the measured trials' line where there is no model).
+        Training's back-off measures what a failed micro-batch needs against it."""
+        model = self.trials.model(case)
+        low = min(max(2, self.floor), best)
+        if model is None or best <= low:
+            return {
+                "fixed_bytes": line.fixed_bytes if line else None,
+                "bytes_per_sample": line.bytes_per_sample if line else None,
+            }
+        predictor = SurvivalPredictor(
+            model, allocator=self.memory.counts_reserved, chunks=None, config=self.memory.alloc_config
+        )
+        p1, p2 = predictor.peak(low), predictor.peak(best)
+        slope = (p2 - p1) / (best - low)
+        return {"fixed_bytes": p1 - slope * low, "bytes_per_sample": slope}
+
     def survival_facts(self, case: str, best: int, cap: int) -> dict[str, Any]:
         """What the answer holds for over consecutive steps (:class:`ProbeResult`'s survival fields)."""
         model = self.trials.model(case)
@@ -317,7 +335,15 @@ class Prober:
     def result(self, outcome: SearchOutcome, state: ModelState, cap: int, started: float) -> ProbeResult:
         session, probe = self.session, self.session.options.probe
         best, model = outcome.best, outcome.model
+        case = outcome.trials[-1].case if outcome.trials else "longest"
         micro = apply_margin(best, probe.margin, probe.multiple_of)
+        chunks = self.trials.chunks
+        if chunks is not None and micro >= 1:
+            # A plan's micro-batches are near-equal: a smaller micro-batch may give the very same ones
+            # (57 at 28 is 19 + 19 + 19); the answer is their largest, which gives them again.
+            largest = max(chunks(micro))
+            if tuple(chunks(largest)) == tuple(chunks(micro)):
+                micro = largest
         if session.group is not None:  # the searches ran in lockstep; this also covers per-rank options
             micro = int(session.group.min([micro])[0])
         capped_by = None
@@ -336,8 +362,7 @@ class Prober:
             memory_limit=self.memory.limit,
             limit_kind=self.memory.describe(),
             trials=outcome.trials,
-            fixed_bytes=model.fixed_bytes if model else None,
-            bytes_per_sample=model.bytes_per_sample if model else None,
+            **self._memory_line(case, best, model),
             model_state_bytes=state.total,
             weights_bytes=state.weights,
             gradients_bytes=state.gradients,
@@ -346,7 +371,7 @@ class Prober:
             ooms=sum(not t.fitted for t in outcome.trials),
             margin=probe.margin,
             multiple_of=probe.multiple_of,
-            **self.survival_facts(outcome.trials[-1].case if outcome.trials else "longest", best, cap),
+            **self.survival_facts(case, best, cap),
             seconds=time.perf_counter() - started,
         )
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import autobatch
-from autobatch import Backoff, FitResult, NoBatchFitsError, fit, try_batch
+from autobatch import Backoff, FitResult, NoBatchFitsError, fit, plan, try_batch
 from autobatch.step import Stepper
 
 torch.set_num_threads(1)
@@ -417,12 +417,14 @@ def test_micro_batch_regrows_to_the_probed_size() -> None:
     assert result.probe is not None
     probed = result.probe.micro_batch
     assert 1 < probed < TARGET
-    # The failed micro-batch, measured again without the limit, fits (the injected error was no lack of
-    # memory): the largest size the memory model allows after the failure is one sample less.
-    assert result.backoffs == [Backoff(0, 1, probed, probed - 1)]
+    # The failed micro-batch (the plan's largest chunk), measured again without the limit, fits (the
+    # injected error was no lack of memory): the size the memory model allows after the failure is one
+    # sample less than that chunk.
+    chunk = max(plan(probed, TARGET).chunks)
+    assert result.backoffs == [Backoff(0, 1, probed, chunk - 1)]
     # Recorded at the first step that runs with the grown micro-batch (the redone step 1 and step 2
     # were clean).
-    assert result.regrowths == [Backoff(0, 3, probed - 1, probed)]
+    assert result.regrowths == [Backoff(0, 3, chunk - 1, probed)]
     assert result.final_plan.micro_batch == probed
 
 

@@ -135,10 +135,11 @@ def _timelines(name: str, emulation: str, limit: str, batches: range) -> tuple[d
     session = resolve(c.model, c.data, Options.parse("probe", options))
     with session.start():
         prober = Prober(session)
-        with prober.restoring(), prober.warm():
+        with prober.restoring(), prober.memory.capped():
+            prober.trials.trace_cold(2)  # makes the optimizer state
             for b in batches:
-                prober.trial(b)
-    return prober.timelines["longest"], prober
+                prober.trials.warm(b)
+    return prober.trials.warm_traces["longest"], prober
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
@@ -164,6 +165,9 @@ def test_a_batch_of_one_takes_other_paths_in_the_transformer() -> None:
     assert fit_timeline(timelines[2], timelines[3]) is not None
 
 
-def test_the_trace_survives_the_warm_up_only_after_it() -> None:
-    timelines, _ = _timelines("mlp", "ideal", "1GiB", range(2, 3))
-    assert set(timelines) == {2}  # the warm-up's own timeline (it creates the optimizer state) is not kept
+def test_steady_traces_and_the_cold_one_are_kept_apart() -> None:
+    """The first step from a cold start makes the optimizer state: its trace differs from a steady one."""
+    timelines, prober = _timelines("mlp", "ideal", "1GiB", range(2, 3))
+    assert set(timelines) == {2} and set(prober.trials.cold_traces["longest"]) == {2}
+    cold, warm = prober.trials.cold_traces["longest"][2], timelines[2]
+    assert cold.skeleton() != warm.skeleton() and len(cold.resident) < len(warm.resident)
