@@ -79,7 +79,7 @@ def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLi
         return
     limit = _marker_limit(marker)
 
-    from autobatch.memory import DeviceMemory, memory_limit_scope
+    from autobatch.memory.device import DeviceMemory, memory_limit_scope
     from autobatch.session import check_device_available, default_device
     from autobatch.testing import DeviceLimit
 

@@ -31,19 +31,19 @@ from autobatch.units import format_bytes, parse_memory_limit
 
 if TYPE_CHECKING:
     from autobatch.api import fit, probe, try_batch
-    from autobatch.memory import memory_limit_scope
-    from autobatch.oom import is_oom, release_memory
+    from autobatch.memory.device import memory_limit_scope
+    from autobatch.memory.oom import is_oom, release_memory
     from autobatch.planner import Plan, plan, uniform_plan
+    from autobatch.probing.search import Trial
     from autobatch.result import Backoff, EvalReport, FitResult, ProbeResult
-    from autobatch.search import Trial
 
 _LAZY = {
     "fit": "autobatch.api",
     "probe": "autobatch.api",
     "try_batch": "autobatch.api",
-    "memory_limit_scope": "autobatch.memory",
-    "is_oom": "autobatch.oom",
-    "release_memory": "autobatch.oom",
+    "memory_limit_scope": "autobatch.memory.device",
+    "is_oom": "autobatch.memory.oom",
+    "release_memory": "autobatch.memory.oom",
     "Plan": "autobatch.planner",
     "plan": "autobatch.planner",
     "uniform_plan": "autobatch.planner",
@@ -51,7 +51,7 @@ _LAZY = {
     "EvalReport": "autobatch.result",
     "FitResult": "autobatch.result",
     "ProbeResult": "autobatch.result",
-    "Trial": "autobatch.search",
+    "Trial": "autobatch.probing.search",
 }
 
 __all__ = [

@@ -16,18 +16,18 @@ from typing import Any
 
 from torch import nn
 
+from autobatch.cache.probestore import ProbeStore
 from autobatch.errors import EvaluationError, UsageValueError
-from autobatch.evaluate import evaluate
-from autobatch.loop import TrainLoop, warn_batchnorm
+from autobatch.memory.survival import COLD
 from autobatch.options import Options, TrainOptions, entry_point
 from autobatch.planner import plan
-from autobatch.prober import Prober
-from autobatch.probestore import ProbeStore
+from autobatch.probing.prober import Prober
+from autobatch.probing.search import OutOfMemory, Trial
 from autobatch.result import EvalReport, FitResult, ProbeResult
-from autobatch.search import OutOfMemory, Trial
 from autobatch.session import Session, resolve
-from autobatch.step import Stepper
-from autobatch.survival import COLD
+from autobatch.step.stepper import Stepper
+from autobatch.training.evaluate import evaluate
+from autobatch.training.loop import TrainLoop, warn_batchnorm
 from autobatch.validate import check_positive_int
 
 __all__ = ["fit", "probe", "try_batch"]
@@ -273,7 +273,7 @@ def try_batch(
     Training survives when it runs from a cold start (weights only: the first step makes the gradients and
     the optimizer state among the activations) and from steady state, over consecutive steps with the
     allocator's cache carried from each to the next, until the allocator's state repeats
-    (:mod:`autobatch.survival`): the first two steps from a cold start run for real, the rest are
+    (:mod:`autobatch.memory.survival`): the first two steps from a cold start run for real, the rest are
     replayed from their exact timeline and the step with the least room runs for real too. The probe's
     answer is the largest batch for which this holds. Leaves the model untouched as :func:`probe` does.
     Useful to check a batch size in CI, or to verify a probe exhaustively.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the command line imports this module without torch
-    from autobatch.footprint import ModelState
+    from autobatch.memory.footprint import ModelState
     from autobatch.result import FitResult
 
 __all__ = [
@@ -52,7 +52,7 @@ class NoBatchFitsError(AutobatchError):
 
     Attributes:
         memory_limit: the limit in bytes the step ran under, or ``None`` when unknown.
-        model_state: what the step holds whatever the batch (:class:`~autobatch.footprint.ModelState`:
+        model_state: what the step holds whatever the batch (:class:`~autobatch.memory.footprint.ModelState`:
             ``weights``, ``gradients``, ``optimizer`` in bytes, and ``estimated`` when the optimizer's
             state never existed and was estimated from its kind), when known.
         model_state_bytes: ``model_state.total``, when known.

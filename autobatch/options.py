@@ -8,7 +8,7 @@ it is part of the probe cache's key). From these fields come, with no hand-kept 
   (:func:`entry_point` writes them, and the options part of their docstrings);
 * the checks, run once when the objects are built, before anything is touched;
 * the command line's flags and their help (:mod:`autobatch.cli.parser`), the test kit's pass-through of
-  options, the probe cache's key (:mod:`autobatch.fingerprint`) and the README's options table
+  options, the probe cache's key (:mod:`autobatch.cache.fingerprint`) and the README's options table
   (:func:`markdown_table`).
 
 Adding an option is adding one field here; the code that uses its value is the only other change.
@@ -25,7 +25,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from autobatch.errors import UsageTypeError, UsageValueError
-from autobatch.threads import available_cores
+from autobatch.memory.threads import available_cores
 from autobatch.units import parse_memory_limit
 from autobatch.validate import (
     check_bool,
@@ -202,7 +202,7 @@ def _iterable(value: Any, name: str) -> Iterator[Any]:
 
 
 def _any(value: Any, name: str) -> Any:
-    return value  # checked by autobatch.data when the data is read
+    return value  # checked by autobatch.step.data when the data is read
 
 
 _callable = optional(check_callable)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from autobatch.planner import Plan
-from autobatch.search import Trial
+from autobatch.probing.search import Trial
 from autobatch.units import format_bytes
 
 __all__ = ["Backoff", "EvalReport", "FitResult", "ProbeResult"]
@@ -253,7 +253,7 @@ class EvalReport:
         epoch: the training epoch after which it was taken (``None`` outside training).
         backoffs: the evaluation batch's out-of-memory back-offs (from, to).
         kind: ``"classification"``, ``"predict_fn"`` (a user's predictions, scored as a classification),
-            ``"causal_lm"`` or ``"masked_lm"`` (see :mod:`autobatch.metrics`).
+            ``"causal_lm"`` or ``"masked_lm"`` (see :mod:`autobatch.training.metrics`).
         loss: a language model's mean token loss (cross-entropy, nats); ``None`` for a classification.
         perplexity: ``exp(loss)``; ``None`` for a classification.
         tokens: the labelled tokens scored; ``None`` for a classification.

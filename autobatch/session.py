@@ -2,9 +2,9 @@
 
 :func:`resolve` runs every check of a call — the options, the model, the device, the optimizer and the
 scheduler, the data and the evaluation data — and changes nothing: no model is moved, no generator is
-seeded or drawn from (samples are read under :func:`~autobatch.state.preserved_rng`), no process group
-is created, no optimizer is built. It applies one device and memory policy (:mod:`autobatch.memory`) that
-the probe and the training loop share. :meth:`Session.start` then takes the actions, in order, and undoes
+seeded or drawn from (samples are read under :func:`~autobatch.step.state.preserved_rng`), no process group
+is created, no optimizer is built. It applies one device and memory policy (:mod:`autobatch.memory.device`)
+that the probe and the training loop share. :meth:`Session.start` then takes the actions, in order, and undoes
 them if anything fails before training begins.
 """
 
@@ -23,16 +23,16 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from autobatch import distributed
-from autobatch.data import DataSource, as_source
 from autobatch.errors import UsageTypeError, UsageValueError
-from autobatch.evalcheck import check_eval_data
-from autobatch.memory import DeviceMemory, resolve_memory_limit
-from autobatch.metrics import eval_kind
+from autobatch.memory.device import DeviceMemory, resolve_memory_limit
+from autobatch.memory.threads import cpu_threads
 from autobatch.options import Options
 from autobatch.planner import plan
-from autobatch.state import preserved_rng, restore_rng, rng_state
-from autobatch.step import resolve_precision, smallest_batch
-from autobatch.threads import cpu_threads
+from autobatch.step.data import DataSource, as_source
+from autobatch.step.state import preserved_rng, restore_rng, rng_state
+from autobatch.step.stepper import resolve_precision, smallest_batch
+from autobatch.training.evalcheck import check_eval_data
+from autobatch.training.metrics import eval_kind
 
 __all__ = ["Session", "resolve"]
 
@@ -50,7 +50,7 @@ class Session:
         memory: the device memory, with the resolved limit.
         optimizer: the user's optimizer; after :meth:`start`, the default one if none was given.
         source: the training data; ``eval_source`` the evaluation data, if any.
-        eval_kind: the evaluation that runs on it (:func:`autobatch.metrics.eval_kind`).
+        eval_kind: the evaluation that runs on it (:func:`autobatch.training.metrics.eval_kind`).
         floor: the smallest micro-batch the model can train on (2 with BatchNorm).
         world_size: the ranks expected (the group's size once started).
     """

@@ -18,11 +18,11 @@ from torch import nn
 from torch.utils.data import Subset
 
 import autobatch
-from autobatch.data import DataSource, as_source
 from autobatch.errors import UsageTypeError
-from autobatch.memory import resolve_memory_limit
+from autobatch.memory.device import resolve_memory_limit
 from autobatch.options import Options
 from autobatch.session import resolve
+from autobatch.step.data import DataSource, as_source
 from autobatch.units import format_bytes
 from autobatch.validate import check_positive_int
 

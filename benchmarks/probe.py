@@ -1,7 +1,7 @@
 """Probe exactness and cost, for training that survives: ``autobatch.probe`` against an independent judge.
 
-A micro-batch fits when training at it survives (``autobatch/survival.py``): three steps from a cold start
-(weights only; the first step makes the gradients and the optimizer state) and three from steady state
+A micro-batch fits when training at it survives (``autobatch/memory/survival.py``): three steps from a cold
+start (weights only; the first step makes the gradients and the optimizer state) and three from steady state
 (weights and optimizer state packed), the allocator's cache carried from each step to the next. The judge
 runs those six steps for real, on an emulated device that carries its state from step to step, for every
 batch from 1 up to the first that does not survive: the largest below it is the true maximum (a hole above
@@ -44,9 +44,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autobatch import probe
-from autobatch.memory import DeviceMemory
-from autobatch.step import Stepper
-from autobatch.transaction import run_step
+from autobatch.memory.device import DeviceMemory
+from autobatch.step.stepper import Stepper
+from autobatch.step.transaction import run_step
 from autobatch.units import format_bytes
 from tests.models import CNN, MLP, case
 
@@ -193,7 +193,7 @@ class Judge:
         if X is not None:
             pieces = [((X[:batch], y[:batch]), 0.5)] * 2
         else:  # a dataset: its first samples, collated
-            from autobatch.data import as_source
+            from autobatch.step.data import as_source
 
             source = as_source(self.c.data)
             piece = source.worst_case(batch)

@@ -49,8 +49,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autobatch
-import autobatch.transaction
-from autobatch.memory import DeviceMemory
+import autobatch.step.transaction
+from autobatch.memory.device import DeviceMemory
 from autobatch.result import FitResult
 from tests.text_models import PaddedEncoder, collate, text_samples
 
@@ -159,7 +159,9 @@ def policy(name: str) -> Iterator[None]:
         if name in ("bound", "halving"):
             stack.enter_context(mock.patch.object(DeviceMemory, "roomy", lambda self: None))
         if name == "halving":
-            stack.enter_context(mock.patch.object(autobatch.transaction, "demand_bytes", lambda exc: None))
+            stack.enter_context(
+                mock.patch.object(autobatch.step.transaction, "demand_bytes", lambda exc: None)
+            )
         yield
 
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 import autobatch
-from autobatch.step import Stepper
+from autobatch.step.stepper import Stepper
 
 __all__ = [
     "MODELS",

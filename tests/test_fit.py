@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import autobatch
 from autobatch import Backoff, FitResult, NoBatchFitsError, fit, plan, try_batch
-from autobatch.step import Stepper
+from autobatch.step.stepper import Stepper
 
 torch.set_num_threads(1)
 

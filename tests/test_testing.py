@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autobatch.memory import memory_limit_scope, resolve_memory_limit
+from autobatch.memory.device import memory_limit_scope, resolve_memory_limit
 from autobatch.testing import DeviceLimit, assert_fits, assert_trains
 
 pytest_plugins = ["pytester"]
@@ -22,7 +22,7 @@ FITS, LARGEST, TOO_BIG = 16, 24, 64
 
 INNER_HEADER = """
 import pytest, torch
-from autobatch.memory import resolve_memory_limit
+from autobatch.memory.device import resolve_memory_limit
 from autobatch.testing import assert_fits, assert_trains
 
 def mlp():
@@ -334,7 +334,7 @@ def test_loading_the_plugin_imports_neither_torch_nor_autobatch() -> None:
 
 
 def test_the_assertions_never_use_the_probe_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from autobatch.cache import ProbeCache
+    from autobatch.cache.store import ProbeCache
 
     monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "cache"))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 
 import autobatch
 from autobatch.errors import NoBatchFitsError
-from autobatch.loop import TrainLoop
-from autobatch.memory import DeviceMemory
-from autobatch.metrics import eval_kind
+from autobatch.memory.device import DeviceMemory
 from autobatch.options import Options
 from autobatch.result import Backoff
 from autobatch.session import resolve
-from autobatch.step import Stepper
+from autobatch.step.stepper import Stepper
+from autobatch.training.loop import TrainLoop
+from autobatch.training.metrics import eval_kind
 from tests.text_models import MAX_LEN, PaddedEncoder, TinyCausalLM, collate, lm_collate, text_samples
 
 CAP = "7.8MiB"

@@ -20,6 +20,10 @@ gate); 130 interrupted by Ctrl-C (SIGINT, ``KeyboardInterrupt``); 143 interrupte
 CI runner cancelling a job). Both interrupts are the ``"interrupted"`` outcome, with its JSON object; their
 codes are the shell's 128 + the signal's number, what a job killed by that signal reports, so a runner that
 reads 143 as "terminated" still does, and 130 and 143 say which signal it was.
+
+May import: the public API (``autobatch``, :mod:`autobatch.api`, :mod:`autobatch.result`), the foundations,
+the setup it parses flags into (:mod:`autobatch.options`, ``session``'s device checks, ``planner``, the
+precision and memory-limit checks) and the cache's store (``autobatch cache``); nothing that runs a step.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from autobatch.cache import ProbeCache
+    from autobatch.cache.store import ProbeCache
     from autobatch.cli import JSON_SCHEMA_VERSION
     from autobatch.units import format_bytes
 

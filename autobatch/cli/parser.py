@@ -96,7 +96,7 @@ def flag_size(n: float) -> str:
 
 def _default_text(f: Field[Any]) -> str:
     if f.name == "cache_dir":  # its help names the rule; here is where that rule points now
-        from autobatch.cache import default_cache_dir
+        from autobatch.cache.store import default_cache_dir
 
         return f"; here {default_cache_dir()}"
     return "" if f.default is None else f" (default: {f.default})"

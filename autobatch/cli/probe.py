@@ -53,7 +53,7 @@ def _check_format(args: argparse.Namespace) -> None:
 def _no_fit(exc: NoBatchFitsError, options: dict[str, Any], from_flags: bool) -> NoBatchFitsError:
     """The no-fit error worded for the command line: what to try as flags (``--memory-limit 2.19MiB``),
     built from the error's figures, where the Python message says ``memory_limit='2.19 MiB'``."""
-    from autobatch.step import resolve_precision
+    from autobatch.step.stepper import resolve_precision
 
     what, try_, _ = str(exc).rpartition(" Try ")
     hints = [

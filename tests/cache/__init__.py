@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.cache` (the package's folders mirrored)."""

@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.cli` (the package's folders mirrored)."""

@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.memory` (the package's folders mirrored)."""

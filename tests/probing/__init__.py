@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.probing` (the package's folders mirrored)."""

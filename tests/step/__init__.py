@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.step` (the package's folders mirrored)."""

@@ -1,0 +1,1 @@
+"""Tests of :mod:`autobatch.training` (the package's folders mirrored)."""
