@@ -4,7 +4,7 @@ Each must finish, train without an out-of-memory back-off where its probe chose 
 measured what training runs), and print what its docstring promises. They start together in the module's
 first test (each runs on one CPU thread, so two cores take them two at a time) and each test waits for its
 own. ``examples/ddp.py`` runs under torchrun in ``tests/test_distributed.py``; the demo in
-``tests/test_demo.py``.
+``tests/cli/test_demo.py``.
 """
 
 from __future__ import annotations

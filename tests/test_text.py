@@ -129,7 +129,7 @@ def test_the_back_off_goes_where_the_measured_failure_says(sizes: tuple[int, int
         order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
         step = [*order[: longest - 1], order[-1]]  # the longest but one and the shortest: padded
         with session.memory.capped():
-            loop.optimizer_step(session.source.fetch(step), longest)
+            loop.runner.optimizer_step(session.source.fetch(step), longest)
     assert loop.backoffs == [Backoff(0, 0, longest, mixed)]  # one measured step down, to the answer
 
 

@@ -375,7 +375,7 @@ def representative(extra_hooks: int) -> dict[str, Any]:
 
 KEY_IN_A_PROCESS = """
 import sys
-from tests.test_fingerprint import probe_key, representative
+from tests.cache.test_fingerprint import probe_key, representative
 print(probe_key(**representative(int(sys.argv[1]))))
 """
 

@@ -205,7 +205,7 @@ def test_frozen_heap_freezes_only_inside_and_respects_a_callers_freeze(
 ) -> None:
     import gc
 
-    from autobatch.memory.device import oom
+    from autobatch.memory import oom
 
     outer = gc.get_freeze_count()
     gc.unfreeze()  # the test session may have frozen its heap

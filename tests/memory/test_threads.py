@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autobatch.memory.device import threads
+from autobatch.memory import threads
 from autobatch.memory.threads import chosen_by_user, cpu_threads
 
 CPU = torch.device("cpu")

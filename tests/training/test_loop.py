@@ -17,7 +17,8 @@ from autobatch.options import Options
 from autobatch.planner import plan
 from autobatch.result import Backoff
 from autobatch.session import Session, resolve
-from autobatch.step.stepper import Stepper, reading
+from autobatch.step import reading
+from autobatch.step.stepper import Stepper
 from autobatch.training.loop import TrainLoop, epoch_steps, warn_batchnorm
 
 torch.set_num_threads(1)
@@ -141,7 +142,7 @@ def make_loop(
 
 def first_step(loop: TrainLoop, n: int = 32) -> float:
     """Run the loop's optimizer step on the first ``n`` samples of its data."""
-    return loop.optimizer_step(loop.session.source.fetch(list(range(n))), n)
+    return loop.runner.optimizer_step(loop.session.source.fetch(list(range(n))), n)
 
 
 # -- exact gradients --------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_naive_weighting_would_not_match_for_uneven_chunks(monkeypatch: pytest.M
     expected = full_batch_grads(model, host, F.cross_entropy)
     captured: list[list[torch.Tensor]] = []
     loop = make_loop(model, data, captured, micro=12)
-    monkeypatch.setattr(loop, "_weights", lambda parts, samples, counts: [1 / len(parts)] * len(parts))
+    monkeypatch.setattr(loop.runner, "_weights", lambda parts, samples, counts: [1 / len(parts)] * len(parts))
 
     first_step(loop)
 

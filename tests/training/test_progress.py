@@ -8,7 +8,7 @@ import torch
 
 from autobatch.step.stepper import Stepper
 from autobatch.training.loop import TrainLoop
-from tests.test_loop import classification_data, mlp, session_for
+from tests.training.test_loop import classification_data, mlp, session_for
 
 torch.set_num_threads(1)
 
