@@ -12,14 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from autobatch.errors import UsageValueError
 from autobatch.validate import check_positive_int
 
+if TYPE_CHECKING:
+    from autobatch.export import TrainerConfig
+
 __all__ = ["CONFIG_FORMATS", "Chunks", "Plan", "plan", "uniform_plan"]
 
-CONFIG_FORMATS = ("hf", "lightning", "deepspeed")
+CONFIG_FORMATS = ("hf", "lightning", "deepspeed", "accelerate")
 """Tools whose batch-size settings :meth:`Plan.to_config` writes."""
 
 _LISTED = 8
@@ -161,43 +164,24 @@ class Plan:
         ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
         return f"{split} × {ranks} = {self.effective_batch}"
 
-    def to_config(self, tool: str) -> dict[str, int]:
-        """The plan as the batch-size settings of another trainer.
-
-        Args:
-            tool: ``"hf"`` (Hugging Face ``TrainingArguments``), ``"lightning"`` (a ``DataLoader``'s
-                ``batch_size`` and ``Trainer(accumulate_grad_batches=...)``) or ``"deepspeed"`` (the
-                config's batch keys). These tools take one micro-batch size for every step, so the plan
-                must have equal chunks: build it with :func:`uniform_plan`.
+    def to_config(self, tool: str) -> TrainerConfig:
+        """The plan as another trainer's settings (``"hf"``, ``"lightning"``, ``"deepspeed"``,
+        ``"accelerate"``). They take one micro-batch size for every step: uneven chunks are exported as the
+        nearest exact equal split, and the settings' notes say what that costs (see :mod:`autobatch.export`;
+        :meth:`autobatch.result.ProbeResult.to_config` adds the precision and optimizer measured).
 
         Raises:
-            UsageValueError: ``tool`` is unknown, or the chunks differ in size.
+            UsageValueError: ``tool`` is unknown.
 
         Example:
-            >>> uniform_plan(12, 32).to_config("deepspeed")
+            >>> plan(12, 32).to_config("deepspeed").settings
             {'train_micro_batch_size_per_gpu': 8, 'gradient_accumulation_steps': 4, 'train_batch_size': 32}
         """
-        if tool not in CONFIG_FORMATS:
-            raise UsageValueError(
-                f"Expected `tool` to be one of {', '.join(CONFIG_FORMATS)}, but got {tool!r}."
-            )
-        sizes = self.chunks.sizes()
-        if len(sizes) != 1:
-            raise UsageValueError(
-                f"{tool} takes one micro-batch size for every step, but this plan's chunks are "
-                f"{self.describe()}; use uniform_plan({self.micro_batch}, {self.effective_batch}, "
-                f"{self.world_size})."
-            )
-        micro, steps = sizes[0][0], self.accumulation_steps
-        if tool == "hf":
-            return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": steps}
-        if tool == "lightning":
-            return {"batch_size": micro, "accumulate_grad_batches": steps}
-        return {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": steps,
-            "train_batch_size": self.effective_batch,
-        }
+        from autobatch.export import trainer_config
+
+        return trainer_config(
+            self.micro_batch, tool, target_batch=self.effective_batch, world_size=self.world_size
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready built-ins; ``chunk_sizes`` lists ``[size, count]`` pairs, larger first.

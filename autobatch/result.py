@@ -8,11 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobatch.planner import Plan
 from autobatch.probing.search import Trial
 from autobatch.units import format_bytes
+
+if TYPE_CHECKING:
+    from autobatch.export import TrainerConfig
 
 __all__ = ["Backoff", "EvalReport", "FitResult", "ProbeResult"]
 
@@ -57,6 +60,7 @@ class ProbeResult:
             ``"step 2 from a cold start"``.
         alloc_conf: the caching allocator's configuration the answer holds for (``PYTORCH_CUDA_ALLOC_CONF``:
             ``"default"``, ``"expandable_segments:True"``, ...); ``None`` where the limit caps live bytes.
+        optimizer: the optimizer's class the probe measured (``"AdamW"``), for exported settings.
         expandable_batch: the largest micro-batch that would survive with
             ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``None`` when it is on already, or where
             the limit caps live bytes).
@@ -89,6 +93,20 @@ class ProbeResult:
     decided_by: str | None = None
     alloc_conf: str | None = None
     expandable_batch: int | None = None
+    optimizer: str | None = None
+
+    def to_config(self, tool: str, target_batch: int, world_size: int = 1) -> TrainerConfig:
+        """This micro-batch as the settings of another trainer (``"hf"``, ``"lightning"``, ``"deepspeed"``,
+        ``"accelerate"``), with the precision and optimizer measured: see :mod:`autobatch.export`.
+
+        Example:
+            >>> probed = ProbeResult(11, 11, 12, None, "cpu", "bf16", None, "none", optimizer="AdamW")
+            >>> probed.to_config("lightning", 32).settings
+            {'batch_size': 8, 'accumulate_grad_batches': 4, 'precision': 'bf16-mixed'}
+        """
+        from autobatch.export import trainer_config
+
+        return trainer_config(self, tool, target_batch=target_batch, world_size=world_size)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (trials as dicts)."""
@@ -332,6 +350,7 @@ _RESULT_FIELDS = {
     "decided_by": "str or None",
     "alloc_conf": "str or None",
     "expandable_batch": "positive int or None",
+    "optimizer": "str or None",
 }
 _TRIAL_FIELDS = {
     "batch": "positive int",

@@ -690,7 +690,7 @@ def test_evaluation_starts_from_a_batch_that_fits_without_warnings(caplog: pytes
     model = mlp()
     X_test, y_test = make_data(500, seed=9)
     result = train(model, make_data(100), epochs=2, eval_data=(X_test, y_test), memory_limit=limit_for(10))
-    assert result.probe is not None and result.probe.micro_batch == 10
+    assert result.probe is not None and result.probe.max_fitting_batch == 10  # a plan of 8 × 4
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [m for m in loud if "evaluation" in m], loud
     first, last = result.evals

@@ -6,12 +6,15 @@ import argparse
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobatch.cli.io import Streams, console
 from autobatch.cli.parser import flag_fields, flag_size
 from autobatch.errors import NoBatchFitsError, UsageError, UsageValueError
-from autobatch.planner import Plan, plan, uniform_plan
+from autobatch.planner import Plan, plan
+
+if TYPE_CHECKING:
+    from autobatch.export import TrainerConfig
 
 __all__ = ["probe_payload", "run"]
 
@@ -27,15 +30,14 @@ def _optimizer(name: str, model: Any) -> Any:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _plans(args: argparse.Namespace, micro: int) -> tuple[Plan | None, dict[str, int] | None]:
-    """The plan for ``--target-batch`` and, with ``--format``, the tool's settings for it."""
+def _plans(args: argparse.Namespace, result: Any) -> tuple[Plan | None, TrainerConfig | None]:
+    """The plan for ``--target-batch`` and, with ``--format``, the tool's settings for it (with the
+    precision and optimizer the probe measured)."""
     if args.target_batch is None:
         return None, None
-    training = plan(micro, args.target_batch, args.world_size)
+    training = plan(result.micro_batch, args.target_batch, args.world_size)
     config = (
-        uniform_plan(micro, args.target_batch, args.world_size).to_config(args.format)
-        if args.format != "text"
-        else None
+        result.to_config(args.format, args.target_batch, args.world_size) if args.format != "text" else None
     )
     return training, config
 
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     finally:
         if status is not None:
             status.stop()
-    training, config = _plans(args, result.micro_batch)
+    training, config = _plans(args, result)
     below = args.min_batch is not None and result.micro_batch < args.min_batch
     shortfall = f"micro-batch {result.micro_batch} is below --min-batch {args.min_batch}" if below else None
 
@@ -137,9 +139,9 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     if training is not None:
         human.print(f"[bold]plan[/]: {training.describe()}", highlight=False)
     if config is not None:
-        human.print(
-            f"[bold]{args.format} settings[/] (equal micro-batches): {json.dumps(config)}", highlight=False
-        )
+        human.print(f"[bold]{args.format} settings[/]: {json.dumps(config.settings)}", highlight=False)
+        for note in config.notes:
+            human.print(f"  {note}", style="dim", highlight=False)
     if shortfall:
         err.print(f"[red]{shortfall}[/]", highlight=False)
     if args.json:
@@ -151,13 +153,13 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
             error=shortfall,
         )
         streams.write_json(payload)
-    elif config is not None:
-        streams.write_json(config)
+    elif config is not None:  # the settings alone on stdout; their notes went to people's stream above
+        streams.write_json(config.settings)
     return 3 if below else 0
 
 
 def probe_payload(
-    result: Any, training: Plan | None, config: dict[str, int] | None, args: Any
+    result: Any, training: Plan | None, config: TrainerConfig | None, args: Any
 ) -> dict[str, Any]:
     """The ``--json`` object of a probe that ran."""
     import torch
@@ -177,5 +179,6 @@ def probe_payload(
         **data,
         "min_batch": args.min_batch,
         "plan": training.to_dict() if training is not None else None,
-        "config": {args.format: config} if config is not None else None,
+        "config": {args.format: config.settings} if config is not None else None,
+        "config_notes": list(config.notes) if config is not None else None,
     }

@@ -194,7 +194,7 @@ class Ledger:
     def close_region(self) -> tuple[tuple[int, ...], tuple[tuple[Any, ...], ...]] | None:
         """End the region; its ``(resident sizes, events)`` where it was traced."""
         trace, self._trace = self._trace, None
-        return None if trace is None else (tuple(self.resident_sizes), tuple(trace))
+        return None if trace is None else (tuple(self.resident_sizes), _settled(trace))
 
     def mark(self, label: str) -> None:
         """Record a phase boundary of the step in the trace (nothing when not tracing)."""
@@ -251,3 +251,20 @@ class Ledger:
             f"already allocated, of which {format_bytes(self.resident_bytes)} resident when the step "
             f"started; {format_bytes(free)} free). Use a smaller batch or a larger memory_limit."
         )
+
+
+def _settled(events: list[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
+    """The events, each run of frees with nothing between them in one order (by id). Their order is the
+    order a hash map held them in (autocast's cache of cast weights), which varies with addresses from run
+    to run; a caching allocator ends in the same state whatever the order of frees in a row."""
+    out: list[tuple[Any, ...]] = []
+    run: list[tuple[Any, ...]] = []
+    for event in [*events, ("end",)]:
+        if event[0] == "free":
+            run.append(event)
+            continue
+        out += sorted(run, key=lambda e: (isinstance(e[1], tuple), e[1]))
+        run = []
+        if event[0] != "end":
+            out.append(event)
+    return tuple(out)

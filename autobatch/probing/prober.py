@@ -373,6 +373,7 @@ class Prober:
             margin=probe.margin,
             multiple_of=probe.multiple_of,
             **self.survival_facts(case, best, cap),
+            optimizer=type(self.optimizer).__name__,
             seconds=time.perf_counter() - started,
         )
 

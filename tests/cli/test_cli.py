@@ -125,8 +125,18 @@ CONFIG_KEYS = {
     "hf": ("per_device_train_batch_size", "gradient_accumulation_steps"),
     "lightning": ("batch_size", "accumulate_grad_batches"),
     "deepspeed": ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"),
+    "accelerate": ("batch_size", "gradient_accumulation_steps"),
 }
 """Per tool: the micro-batch key, the accumulation key, then any others."""
+
+PRECISION_SETTING = {
+    "hf": lambda p: {"bf16": p == "bf16", "fp16": p == "fp16"},
+    "lightning": lambda p: {"precision": {"fp16": "16-mixed", "bf16": "bf16-mixed", "fp32": "32-true"}[p]},
+    "deepspeed": lambda p: {p: {"enabled": True}} if p != "fp32" else {},
+    "accelerate": lambda p: {"mixed_precision": {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[p]},
+}
+"""Per tool: how it says the precision the probe measured."""
+
 
 _names = itertools.count()
 
@@ -419,7 +429,7 @@ def test_file_spec_imports_its_siblings(workdir: Path, capsys: pytest.CaptureFix
 # --- --format: the plan as other trainers' settings ------------------------------------------------
 
 
-@pytest.mark.parametrize("tool", ["hf", "lightning", "deepspeed"])
+@pytest.mark.parametrize("tool", ["hf", "lightning", "deepspeed", "accelerate"])
 @pytest.mark.parametrize(
     ("max_batch", "target", "world", "expected"),
     [(11, 32, 1, (8, 4)), (11, 64, 2, (8, 4)), (7, 30, 2, (5, 3)), (16, 32, 1, (16, 2))],
@@ -440,13 +450,21 @@ def test_format_settings_multiply_to_the_target(
     )  # fmt: skip
     assert code == EXIT_OK and out["micro_batch"] == max_batch
     config = out["config"][tool]
-    assert tuple(config) == CONFIG_KEYS[tool]
+    assert tuple(config)[: len(CONFIG_KEYS[tool])] == CONFIG_KEYS[tool]
+    for key, value in PRECISION_SETTING[tool](out["precision"]).items():
+        assert config[key] == value
     micro, acc = config[CONFIG_KEYS[tool][0]], config[CONFIG_KEYS[tool][1]]
     assert (micro, acc) == expected
     assert micro * acc * world == target and micro <= out["micro_batch"]
     if tool == "deepspeed":
-        assert config["train_batch_size"] == target
+        assert config["train_batch_size"] == target and config["optimizer"] == {"type": "AdamW"}
+    if tool == "hf":
+        assert config["optim"] == "adamw_torch"
     assert out["plan"]["effective_batch"] == target  # the autobatch plan stays alongside
+    notes = " ".join(out["config_notes"])
+    assert f"measured in {out['precision']}" in notes
+    if out["plan"]["accumulation_steps"] != acc:  # an uneven plan, exported as the nearest equal split
+        assert f"equal micro-batches of {micro} (the probe allows {max_batch}" in notes
 
 
 def test_format_alone_prints_only_the_settings(
@@ -457,8 +475,15 @@ def test_format_alone_prints_only_the_settings(
         "--target-batch", "32", "--format", "hf",
     )  # fmt: skip
     assert code == EXIT_OK
-    assert json.loads(out) == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}
+    assert json.loads(out) == {
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 4,
+        "bf16": False,  # the spec's factory probes in fp32
+        "fp16": False,
+        "optim": "adamw_torch",
+    }
     assert "autobatch probe: micro-batch 11" in flat(err) and "hf settings" in err
+    assert "equal micro-batches of 8 (the probe allows 11, as 11+11+10): 4 micro-steps" in flat(err)
 
 
 @pytest.mark.parametrize("tool", ["hf", "lightning", "deepspeed"])
