@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from autobatch.planner import Plan, plan, uniform_plan
     from autobatch.probing.search import Trial
     from autobatch.result import Backoff, EvalReport, FitResult, ProbeResult
+    from autobatch.training.trainstep import StepReport, TrainStep
 
 _LAZY = {
     "fit": "autobatch.api",
@@ -52,6 +53,8 @@ _LAZY = {
     "FitResult": "autobatch.result",
     "ProbeResult": "autobatch.result",
     "Trial": "autobatch.probing.search",
+    "StepReport": "autobatch.training.trainstep",
+    "TrainStep": "autobatch.training.trainstep",
 }
 
 __all__ = [
@@ -66,6 +69,8 @@ __all__ = [
     "PeerError",
     "Plan",
     "ProbeResult",
+    "StepReport",
+    "TrainStep",
     "Trial",
     "UsageError",
     "UsageTypeError",

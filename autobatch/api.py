@@ -7,20 +7,17 @@ by all three, the command line, the test kit and the probe cache's key.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 from torch import nn
 
-from autobatch.cache.probestore import ProbeStore
 from autobatch.errors import EvaluationError, UsageValueError
 from autobatch.memory.survival import COLD
 from autobatch.options import Options, TrainOptions, entry_point
 from autobatch.planner import plan
+from autobatch.probing.cached import planned_chunks, probe_session
 from autobatch.probing.prober import Prober
 from autobatch.probing.search import OutOfMemory, Trial
 from autobatch.result import EvalReport, FitResult, ProbeResult
@@ -78,7 +75,7 @@ def fit(
     with session.start():
         per_rank = train.target_batch // session.world_size
         probed = (
-            _probe(session, cap=per_rank, chunks=partial(_chunks, per_rank, session.floor))
+            probe_session(session, cap=per_rank, chunks=planned_chunks(per_rank, session.floor))
             if train.micro_batch is None
             else None
         )
@@ -183,54 +180,6 @@ def _evaluate(session: Session, loop: TrainLoop, result: FitResult, epoch: int, 
     return report
 
 
-PLANNED_REPEATS = 4
-"""The probe replays and runs a plan's micro-batches of one size at most this many times in a row."""
-
-
-def _chunks(per_rank: int, floor: int, micro: int) -> tuple[int, ...]:
-    """The micro-batches fit's plan cuts one rank's share of a step into, at micro-batch ``micro``: each
-    size at most :data:`PLANNED_REPEATS` times in a row (the allocator's state repeats long before; a step
-    of a million micro-steps is not run to probe it)."""
-    chunks = plan(micro, per_rank, min_chunk=min(floor, per_rank)).chunks
-    return tuple(size for size, count in chunks.sizes() for _ in range(min(count, PLANNED_REPEATS)))
-
-
-def _probe(
-    session: Session, cap: int | None = None, chunks: Callable[[int], Sequence[int]] | None = None
-) -> ProbeResult:
-    """Probe a started session: from the cache when it holds this setup and verification agrees, else
-    by searching (from what verification learned)."""
-    prober = Prober(session, chunks)
-    dataset = len(session.source)
-    cap = min(cap or dataset, session.options.probe.max_batch or dataset, dataset)
-    if session.group is not None:
-        cap = int(session.group.min([cap])[0])
-    with prober.restoring():
-        store = ProbeStore.open(prober, cap)  # reads samples: inside the snapshot
-        hit = store.lookup() if store is not None else None
-        hint = hit.max_fitting_batch if hit is not None and hit.max_fitting_batch <= cap else None
-        result = prober.search(cap, hint=hint)
-    if hit is not None and result.max_fitting_batch == hit.max_fitting_batch:
-        # Trust, but verify: the answer survives, and the memory model its verification recorded
-        # predicts no larger one.
-        verified = dataclasses.replace(
-            hit, verified=True, optimizer_steps=result.optimizer_steps, seconds=result.seconds
-        )
-        logger.info("probe: %s", verified.summary())
-        return verified
-    if hit is not None:
-        logger.warning(
-            "probe: the cached micro-batch %d is %s; probed again: %d",
-            hit.max_fitting_batch,
-            "too large now" if result.max_fitting_batch < hit.max_fitting_batch else "too small now",
-            result.max_fitting_batch,
-        )
-    logger.info("probe: %s", result.summary())
-    if store is not None:
-        store.save(result)
-    return result
-
-
 @entry_point("probe")
 def probe(model: nn.Module, data: Any, **options: Any) -> ProbeResult:
     """Find the largest micro-batch whose full training step fits in device memory.
@@ -261,7 +210,7 @@ def probe(model: nn.Module, data: Any, **options: Any) -> ProbeResult:
     """
     session = resolve(model, data, Options.parse("probe", options))
     with session.start():
-        return _probe(session)
+        return probe_session(session)
 
 
 @entry_point("try_batch")

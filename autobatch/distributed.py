@@ -178,6 +178,12 @@ class Group:
         for work in works:
             work.wait()
 
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank, as DDP's construction copies them."""
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's broadcast_buffers."""
         for buffer in module.buffers():

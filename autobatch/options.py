@@ -420,6 +420,23 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "try_batch": (("step", "memory", "probe"), frozenset({"max_batch", "margin", "multiple_of", "on_trial"})),
     # fit probes with accumulation measured and its own GradScaler
     "fit": (("step", "memory", "probe", "cache", "train", "eval"), frozenset({"accumulate", "scaler"})),
+    # one optimizer step of the user's loop: the optimizer is an argument, the batch is the target
+    "TrainStep": (
+        ("step", "memory", "probe", "cache", "train"),
+        frozenset(
+            {
+                "optimizer",
+                "accumulate",
+                "scaler",
+                "target_batch",
+                "epochs",
+                "shuffle",
+                "seed",
+                "drop_last",
+                "progress",
+            }
+        ),
+    ),
 }
 
 PROBE_ONLY = frozenset(f.name for f in fields(ProbeOptions)) | {"cache", "cache_dir"}
@@ -474,13 +491,13 @@ class Options:
                 "Expected one of `step_fn` and `loss_fn`, but got both: step_fn replaces the forward and "
                 "the loss, so loss_fn would never run. Compute the loss inside step_fn."
             )
-        if self.entry == "fit" and self.train.micro_batch is not None:
+        if self.entry in ("fit", "TrainStep") and self.train.micro_batch is not None:
             clash = sorted(self.given & PROBE_ONLY)
             if clash:
                 raise UsageValueError(
                     f"Expected no probe options with `micro_batch={self.train.micro_batch}`, but got "
-                    f"{', '.join(f'`{n}`' for n in clash)}: with micro_batch given, fit does not probe. "
-                    "Drop them, or drop micro_batch to let fit probe."
+                    f"{', '.join(f'`{n}`' for n in clash)}: with micro_batch given, {self.entry} does not "
+                    f"probe. Drop them, or drop micro_batch to let {self.entry} probe."
                 )
         if self.eval.eval_data is None:
             clash = sorted(self.given & {"eval_batch", "predict_fn", "target_names", "eval_task"})
@@ -538,12 +555,15 @@ def default_of(name: str) -> Any:
 
 def markdown_table() -> str:
     """The README's options table: every option, its default, who takes it and what it does."""
-    rows = ["| option | default | fit | probe | try_batch | CLI | what |", "|---|---|:-:|:-:|:-:|---|---|"]
+    rows = [
+        "| option | default | fit | probe | try_batch | TrainStep | CLI | what |",
+        "|---|---|:-:|:-:|:-:|:-:|---|---|",
+    ]
     taken = {entry: {f.name for f in entry_fields(entry)} for entry in ENTRY_POINTS}
     for cls in GROUPS.values():
         for f in fields(cls):
             spec = spec_of(f)
-            marks = ["✓" if f.name in taken[e] else "" for e in ("fit", "probe", "try_batch")]
+            marks = ["✓" if f.name in taken[e] else "" for e in ("fit", "probe", "try_batch", "TrainStep")]
             flag = f"`{spec.cli.flag}`" if spec.cli else ""
             what = spec.help.replace("|", "\\|")
             rows.append(f"| `{f.name}` | `{f.default!r}` | {' | '.join(marks)} | {flag} | {what} |")

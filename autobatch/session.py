@@ -34,7 +34,7 @@ from autobatch.step.stepper import resolve_precision, smallest_batch
 from autobatch.training.evalcheck import check_eval_data
 from autobatch.training.metrics import eval_kind
 
-__all__ = ["Session", "resolve"]
+__all__ = ["Session", "bind_scheduler", "resolve", "resolve_model"]
 
 
 @dataclass
@@ -134,7 +134,7 @@ class Session:
             self.optimizer = torch.optim.AdamW(
                 [p for p in self.model.parameters() if p.requires_grad], lr=1e-3
             )
-        self.scheduler = _bind_scheduler(train.scheduler, self.optimizer)
+        self.scheduler = bind_scheduler(train.scheduler, self.optimizer)
         if self.group is not None:
             self.order_seed = int(self.group.broadcast(self.order_seed))
             if self.ddp is None:
@@ -191,7 +191,7 @@ class _Saved:
                 group["params"] = params
 
 
-def _bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+def bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """The scheduler of ``optimizer``: an instance as given, or what a factory returns (checked)."""
     if scheduler is None:
         return None
@@ -327,6 +327,24 @@ def _target_device(options: Options, module: nn.Module) -> torch.device:
     return dev
 
 
+def resolve_model(
+    model: Any, optimizer: Any, options: Options
+) -> tuple[nn.Module, Any, torch.device, str, int | None]:
+    """Check the model, its optimizer, the device, the precision and the limit; changes nothing.
+
+    Returns:
+        The module (unwrapped from a user's DDP), the DDP wrapper (or ``None``), the device, the resolved
+        precision and the memory limit in bytes (``None``: none).
+    """
+    module, ddp = _check_model(model)
+    device = _target_device(options, module)
+    precision = resolve_precision(options.step.precision, device)
+    _check_optimizer(module, optimizer)
+    if options.entry == "fit":
+        _check_fit(module, device, optimizer, options)
+    return module, ddp, device, precision, resolve_memory_limit(options.memory.memory_limit)
+
+
 def resolve(model: Any, data: Any, options: Options) -> Session:
     """Check the whole call: the options (already checked alone), the model, device, data and evaluation.
 
@@ -336,14 +354,8 @@ def resolve(model: Any, data: Any, options: Options) -> Session:
         UsageTypeError, UsageValueError: the first problem found, naming the argument, what was expected
             and what was got.
     """
-    module, ddp = _check_model(model)
-    device = _target_device(options, module)
-    precision = resolve_precision(options.step.precision, device)
+    module, ddp, device, precision, limit = resolve_model(model, options.step.optimizer, options)
     optimizer = options.step.optimizer
-    _check_optimizer(module, optimizer)
-    if options.entry == "fit":
-        _check_fit(module, device, optimizer, options)
-    limit = resolve_memory_limit(options.memory.memory_limit)
     world_size = distributed.expected_world_size()
     kind = eval_kind(module, options.eval.eval_task, options.eval.predict_fn)
     with preserved_rng():  # reading samples must not draw from the generators of an augmenting dataset

@@ -16,8 +16,8 @@ MAY_IMPORT = {
     "memory": set(),
     "step": {"memory", "distributed", "options"},
     "probing": {"memory", "step", "session", "options", "distributed", "result", "cache", "planner"},
-    "cache": {"result", "memory", "step", "probing", "options", "distributed"},
-    "training": {"memory", "step", "session", "options", "distributed", "result", "planner"},
+    "cache": {"result"},
+    "training": {"memory", "step", "session", "options", "distributed", "result", "planner", "probing"},
     "cli": {"api", "result", "options", "session", "planner", "cache", "memory", "step", "demo", "testing"},
 }
 # Modules of those layers that a front may use: checks and parsing, never what runs a step.

@@ -23,7 +23,12 @@ from autobatch.options import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRIES = {"fit": autobatch.fit, "probe": autobatch.probe, "try_batch": autobatch.try_batch}
+ENTRIES = {
+    "fit": autobatch.fit,
+    "probe": autobatch.probe,
+    "try_batch": autobatch.try_batch,
+    "TrainStep": autobatch.TrainStep,
+}
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
@@ -36,6 +41,7 @@ def test_each_entry_point_s_signature_lists_its_options_with_their_defaults(entr
         "fit": {"model", "data"},
         "probe": {"model", "data"},
         "try_batch": {"model", "data", "batch_size", "steps"},
+        "TrainStep": {"model", "optimizer"},
     }
     assert set(signature.parameters) == own[entry] | {f.name for f in entry_fields(entry)}
     assert not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -43,7 +49,8 @@ def test_each_entry_point_s_signature_lists_its_options_with_their_defaults(entr
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_each_entry_point_s_docstring_documents_every_option(entry: str) -> None:
-    doc = inspect.getdoc(ENTRIES[entry]) or ""
+    target = ENTRIES[entry]
+    doc = inspect.getdoc(target.__init__ if isinstance(target, type) else target) or ""
     assert "Options (keyword only):" in doc
     for f in entry_fields(entry):
         if f.name != "target_batch":  # fit's positional argument, documented in Args

@@ -4,6 +4,6 @@ Holds the store (``store``: one JSON file per setup, atomic writes; ``files``: r
 key (``fingerprint`` of a setup, from ``codehash``, ``valuehash``, ``modulehash``, ``datahash`` and
 ``torchsettings``) and the cache as one probe sees it (``probestore``: rank 0 reads and writes).
 
-May import: the foundations and :mod:`autobatch.result`; ``store`` and ``files`` import no torch, so
-``autobatch cache show`` answers at once.
+May import: the foundations and :mod:`autobatch.result` (and the probe, for type checking only); ``store``
+and ``files`` import no torch, so ``autobatch cache show`` answers at once.
 """

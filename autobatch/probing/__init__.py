@@ -3,6 +3,10 @@
 Holds the probe of one session (``prober``), its trials (``trials``: traced steps and verdicts in a
 chosen allocator state) and the pure batch-size search (``search``).
 
-May import: the foundations, :mod:`autobatch.memory.device`, :mod:`autobatch.step.stepper`, the setup
-(:mod:`autobatch.session`, ``options``, ``distributed``) and :mod:`autobatch.result`.
+Also a probe of a session from the probe cache where verification agrees (``cached``), what ``probe``,
+``fit`` and ``TrainStep`` run.
+
+May import: the foundations, :mod:`autobatch.memory`, :mod:`autobatch.step`, the setup
+(:mod:`autobatch.session`, ``options``, ``distributed``, ``planner``), :mod:`autobatch.cache` (``cached``)
+and :mod:`autobatch.result`.
 """

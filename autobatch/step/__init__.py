@@ -5,6 +5,6 @@ transaction that runs a whole optimizer step on every rank (``transaction``), th
 everything back (``state``), the data a step reads (``data``, ``reading``) and the measured back-off
 after an out-of-memory (``backoff``). The probe's trials, ``TrainStep`` and fit's loop all run it.
 
-May import: the foundations, :mod:`autobatch.memory.device`, :mod:`autobatch.distributed` and
+May import: the foundations, :mod:`autobatch.memory`, :mod:`autobatch.distributed` and
 :mod:`autobatch.options` (the precisions).
 """
