@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from autobatch import data as data_module
+from autobatch.step import data as data_module
 from autobatch._tree import batch_size_of, slice_batch
 from autobatch.step.data import DataSource, as_source, default_size
 from tests.models import SequenceDataset, pad_collate
