@@ -382,7 +382,7 @@ print(probe_key(**representative(int(sys.argv[1]))))
 
 @pytest.mark.slow
 def test_an_unchanged_setup_keeps_its_key_across_processes(tmp_path: Path) -> None:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
 
     def key(extra_hooks: int, seed: str) -> str:
         env = {

@@ -14,7 +14,7 @@ import torch
 from autobatch.errors import NoBatchFitsError
 from autobatch.memory.oom import is_oom, release_memory
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OOM_MESSAGES = [
     "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity; 5.12 GiB "

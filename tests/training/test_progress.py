@@ -46,7 +46,7 @@ def run_in_a_terminal(code: str, rows: int, columns: int) -> str:
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdin=terminal, stdout=terminal, stderr=terminal, env=env
     )
