@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import autobatch
 from autobatch.step.stepper import Stepper
@@ -42,6 +42,7 @@ __all__ = [
     "launch",
     "mlp",
     "mlp_bn",
+    "rank_loader",
     "record_ids",
     "vectors",
 ]
@@ -414,6 +415,66 @@ def fit_user_ddp(rank: int, n: int, **options: Any) -> dict[str, Any]:
     return {**summary(result), "weights": weights(ddp), "still_ddp": isinstance(ddp, DistributedDataParallel)}
 
 
+def rank_loader(rank: int, n: int, per_rank: int, seed: int, world_size: int = 2) -> DataLoader[Any]:
+    """Rank ``rank``'s batches of :func:`vectors`, as a user's loop reads them under torchrun: a
+    ``DistributedSampler`` (shuffled with ``seed``) hands each rank its share of every global batch."""
+    dataset = TensorDataset(*vectors(n))
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler)
+
+
+def trainstep_loop(
+    rank: int,
+    n: int,
+    per_rank: int,
+    seed: int,
+    wrap: str = "plain",
+    init_seeds: tuple[int, int] = (0, 0),
+    oom_rank: int | None = None,
+    oom_call: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The user's own loop: ``step((x, y))`` on each of this rank's batches, one epoch.
+
+    Args:
+        wrap: ``"plain"`` (the module as it is: TrainStep copies rank 0's weights to every rank) or
+            ``"ddp"`` (the user's own ``DistributedDataParallel``).
+        init_seeds: each rank's seed for the model's initial weights.
+        oom_rank, oom_call: the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory.
+    """
+    net = mlp(init_seeds[rank])
+    model: nn.Module = net
+    if wrap == "ddp":
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        model = DistributedDataParallel(net)
+    original, calls = Stepper.forward_backward, [0]
+
+    def forward_backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
+        calls[0] += 1
+        if rank == oom_rank and calls[0] == oom_call:
+            raise torch.OutOfMemoryError("injected")
+        return original(self, batch, weight)
+
+    Stepper.forward_backward = forward_backward  # type: ignore[method-assign]
+    try:
+        step = autobatch.TrainStep(model, sgd(net), **{"precision": "fp32", "device": "cpu", **options})
+        reports = [step((x, y)) for x, y in rank_loader(rank, n, per_rank, seed)]
+    finally:
+        Stepper.forward_backward = original  # type: ignore[method-assign]
+    return {
+        "weights": weights(model),
+        "losses": [float(r) for r in reports],
+        "micro_batches": [r.micro_batches for r in reports],
+        "backoffs": [list(r.backoffs) for r in reports],
+        "all_backoffs": step.backoffs,
+        "applied": [r.applied for r in reports],
+        "probed": step.result.micro_batch if step.result is not None else None,
+        "steps": step.steps,
+        "still_ddp": isinstance(model, DistributedDataParallel),
+    }
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     f.__name__: f
     for f in (
@@ -429,6 +490,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
         fit_error,
         init_group_as_user,
         fit_user_ddp,
+        trainstep_loop,
     )
 }
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 import autobatch
 from autobatch.result import Backoff
@@ -35,6 +36,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = ["96KiB", "64KiB"]  # rank 0, rank 1: alone, the MLP's probe gives 98 and 60
 N, EVAL_N = 100, 37  # 100 = 32 + 32 + 32 + 4: the last step gives each rank 2 samples
+TRAINSTEP = {"n": N, "per_rank": 16, "seed": 4}  # the user's loaders: batches of 16 a rank, shuffled
 
 
 def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -115,6 +117,15 @@ def scenarios(user_port: int) -> dict[str, tuple[str, dict[str, Any]]]:
             {"n": N, "target_batch": 32, "micro_batch": 6, "seed": 3, "grad_clip": 0.1},
         ),
         "user_ddp_probed": ("fit_user_ddp", {"n": N, "target_batch": 32, "memory_limit": "20KiB", "seed": 3}),
+        # The user's own loop: TrainStep on each rank's share (16) of each global batch of 32.
+        # A plain module, probed on the first call; rank 1 starts from other weights (rank 0's are copied).
+        "trainstep_plain": (
+            "trainstep_loop",
+            {**TRAINSTEP, "wrap": "plain", "init_seeds": (0, 1), "memory_limit": "20KiB"},
+        ),
+        "trainstep_ddp": ("trainstep_loop", {**TRAINSTEP, "wrap": "ddp", "micro_batch": 6, "grad_clip": 0.1}),
+        # Rank 1's 5th micro-step (the second of step 2, 6+5+5 a step) runs out of memory.
+        "trainstep_oom": ("trainstep_loop", {**TRAINSTEP, "micro_batch": 6, "oom_rank": 1, "oom_call": 5}),
     }
 
 
@@ -436,6 +447,71 @@ def test_user_ddp_model_is_probed_and_trained_without_oom(ranks: list[dict[str, 
     _, expected = reference(w.vectors(N), target_batch=32, micro_batch=first["micro_batch"], seed=3)
     for rank in (first, second):
         assert_same_weights(rank["weights"], expected)
+
+
+# -- TrainStep in the user's own loop --------------------------------------------------------------
+def full_batch_loop(grad_clip: float | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, one plain fp32 step per global batch (both ranks' batches together): the losses and
+    the weights after the epoch."""
+    model = w.mlp()
+    optimizer = w.sgd(model)
+    loaders = [
+        w.rank_loader(rank, TRAINSTEP["n"], TRAINSTEP["per_rank"], TRAINSTEP["seed"]) for rank in (0, 1)
+    ]
+    losses = []
+    for (x0, y0), (x1, y1) in zip(*loaders, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1]))
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses, w.weights(model)
+
+
+def assert_trainstep_equals_one_process(ranks: list[dict[str, Any]], name: str, **reference: Any) -> None:
+    losses, expected = full_batch_loop(**reference)
+    first, second = results(ranks, name)
+    for rank in (first, second):
+        assert rank["steps"] == 4 and all(rank["applied"])
+        assert [sum(m) for m in rank["micro_batches"]] == [16, 16, 16, 2]  # each rank's share, the last short
+        assert_same_weights(rank["weights"], expected)
+        # Each step's loss is over both ranks' samples, the same on every rank.
+        assert rank["losses"] == pytest.approx(losses, rel=1e-5)
+    assert first["losses"] == second["losses"]
+
+
+def test_trainstep_on_a_plain_module_equals_one_process(ranks: list[dict[str, Any]]) -> None:
+    assert_trainstep_equals_one_process(ranks, "trainstep_plain")
+    first, second = results(ranks, "trainstep_plain")
+    # Probed on the first call: 16 samples a rank do not fit in one micro-batch under 20 KiB.
+    assert first["probed"] == second["probed"] < 16
+    assert first["micro_batches"][0] == second["micro_batches"][0] and len(first["micro_batches"][0]) > 1
+    assert first["all_backoffs"] == second["all_backoffs"] == []
+    assert not first["still_ddp"]
+
+
+def test_trainstep_on_the_users_ddp_equals_one_process(ranks: list[dict[str, Any]]) -> None:
+    # Clipping the gradient norm after the gradients were summed: the global norm, as one process.
+    assert_trainstep_equals_one_process(ranks, "trainstep_ddp", grad_clip=0.1)
+    _, unclipped = full_batch_loop()
+    _, clipped = full_batch_loop(grad_clip=0.1)
+    assert not torch.allclose(unclipped["0.weight"], clipped["0.weight"])  # the clip did clip
+    for rank in results(ranks, "trainstep_ddp"):
+        assert rank["still_ddp"] and rank["probed"] is None
+        assert rank["micro_batches"] == [(6, 5, 5)] * 3 + [(2,)]
+
+
+def test_trainstep_oom_on_one_rank_backs_off_every_rank(ranks: list[dict[str, Any]]) -> None:
+    assert_trainstep_equals_one_process(ranks, "trainstep_oom")
+    first, second = results(ranks, "trainstep_oom")
+    # Rank 1 halves (nothing measures it without a limit), rank 0 would take 5: both take the smaller.
+    backoff = Backoff(epoch=0, step=1, from_micro=6, to_micro=3)
+    for rank in (first, second):
+        assert rank["backoffs"] == [[], [backoff], [], []]  # reported by the step that was redone
+        assert rank["all_backoffs"] == [backoff]
+        assert rank["micro_batches"] == [(6, 5, 5), (3, 3, 3, 3, 2, 2), (3, 3, 3, 3, 2, 2), (2,)]
 
 
 # -- the example, under torchrun -------------------------------------------------------------------
