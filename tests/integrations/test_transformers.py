@@ -121,6 +121,27 @@ def test_a_causal_lm_whose_loss_divides_by_num_items_equals_one_batch_of_the_tar
     assert losses(ours.trainer) == pytest.approx(losses(plain.trainer), rel=1e-5)
 
 
+def test_its_optimizer_scheduler_clipping_and_gradient_checkpointing_are_the_trainer_s(
+    bert_runs: dict[str, Run], tmp_path: Path
+) -> None:
+    samples, collate = classification_samples(N), padding_collator()
+    settings = {
+        "optim": "adamw_torch", "learning_rate": 1e-3, "max_grad_norm": 1.0, "lr_scheduler_type": "linear",
+        "warmup_steps": 2, "num_train_epochs": 1, "gradient_checkpointing": True,
+    }  # fmt: skip
+    plain = run(Trainer, bert, samples, collate, arguments(tmp_path / "plain", 32, 1, **settings))
+    ours = run(
+        AutoBatchTrainer, bert, samples, collate, arguments(tmp_path / "ours", **settings), memory_limit=LIMIT
+    )
+    assert rel_err(ours.weights, plain.weights) < 1e-5  # AdamW divides by tiny second moments
+    assert [e["learning_rate"] for e in ours.trainer.state.log_history if "loss" in e] == [
+        e["learning_rate"] for e in plain.trainer.state.log_history if "loss" in e
+    ]
+    # The probe measured the Trainer's step: with its activations checkpointed, more fits.
+    without = bert_runs["autobatch"].trainer.probe_result.max_fitting_batch
+    assert ours.trainer.probe_result.max_fitting_batch > without
+
+
 def test_an_oom_mid_training_backs_off_and_redoes_the_step(bert_runs: dict[str, Run]) -> None:
     clean, hit = bert_runs["autobatch"], bert_runs["oom"]
     (backoff,) = hit.trainer.backoffs
