@@ -142,6 +142,30 @@ def test_its_optimizer_scheduler_clipping_and_gradient_checkpointing_are_the_tra
     assert ours.trainer.probe_result.max_fitting_batch > without
 
 
+def test_bf16_runs_under_the_accelerator_s_autocast_in_the_probe_and_the_steps(tmp_path: Path) -> None:
+    samples, collate = classification_samples(N), padding_collator()
+    settings = {"bf16": True, "num_train_epochs": 1}
+    plain = run(Trainer, bert, samples, collate, arguments(tmp_path / "plain", 32, 1, **settings))
+    dtypes: set[torch.dtype] = set()
+
+    def watched() -> torch.nn.Module:
+        model = bert()
+        model.classifier.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        return model
+
+    ours = run(
+        AutoBatchTrainer,
+        watched,
+        samples,
+        collate,
+        arguments(tmp_path / "ours", **settings),
+        memory_limit=LIMIT,
+    )
+    assert dtypes == {torch.bfloat16}  # every forward, the probe's included, under the accelerator's autocast
+    assert ours.trainer.probe_result.precision == "bf16" and ours.watch.step_samples == [32] * 3
+    assert rel_err(ours.weights, plain.weights) < 1e-4  # bf16 products, summed per micro-batch
+
+
 def test_an_oom_mid_training_backs_off_and_redoes_the_step(bert_runs: dict[str, Run]) -> None:
     clean, hit = bert_runs["autobatch"], bert_runs["oom"]
     (backoff,) = hit.trainer.backoffs
