@@ -106,6 +106,16 @@ class AutoBatch(pl.Callback):
                 "AutoBatch needs automatic optimization: it sets Lightning's gradient accumulation, which "
                 "manual optimization does not run. Use autobatch.TrainStep inside your training_step instead."
             )
+        rivals = [
+            type(cb).__name__
+            for cb in getattr(trainer, "callbacks", [])
+            if isinstance(cb, (pl.callbacks.BatchSizeFinder, pl.callbacks.GradientAccumulationScheduler))
+        ]
+        if rivals:
+            raise UsageValueError(
+                f"AutoBatch sets the batch size and accumulate_grad_batches itself, which {rivals[0]} "
+                "changes too: drop one of them."
+            )
         source = getattr(trainer.fit_loop, "_data_source", None)  # what BatchSizeFinder checks too
         if source is not None and not source.is_module():
             raise UsageValueError(

@@ -126,6 +126,12 @@ def test_what_it_cannot_do_is_refused_before_training(module: type, loaders: boo
     assert torch.equal(flat(model.model), before)
 
 
+def test_callbacks_that_change_the_batch_or_the_accumulation_too_are_refused() -> None:
+    rival = pl.callbacks.GradientAccumulationScheduler({0: 2})
+    with pytest.raises(autobatch.UsageValueError, match="GradientAccumulationScheduler changes too"):
+        trainer([AutoBatch(target_batch=32), rival]).fit(BertModule(classification_samples(8), 8))
+
+
 def test_bad_arguments_are_refused_at_once() -> None:
     with pytest.raises(autobatch.UsageValueError, match="`target_batch` to be a positive int"):
         AutoBatch(target_batch=0)
