@@ -72,13 +72,13 @@ _TRAINING_ONLY = frozenset({"micro_batch", "num_items", "regrow_after"})
 """AutoBatchTrainer's options that its probe does not take."""
 
 
-class Step(list):
+class _Step(list):
     """The samples of one optimizer step, as the train loader hands them over (collated per micro-batch)."""
 
 
-def as_step(samples: list[Any]) -> Step:
+def _as_step(samples: list[Any]) -> _Step:
     """The train loader's collate function: the step's samples, uncollated."""
-    return Step(samples)
+    return _Step(samples)
 
 
 class AutoBatchState(TrainerCallback, ExportableState):
@@ -214,7 +214,7 @@ class AutoBatchTrainer(Trainer):
     def get_train_dataloader(self) -> Any:
         """The Trainer's train loader, whose items are the samples of one optimizer step, uncollated."""
         collator = self.data_collator
-        self.data_collator = cast(Any, as_step)
+        self.data_collator = cast(Any, _as_step)
         try:
             self._train_loader = super().get_train_dataloader()
         finally:
@@ -223,14 +223,14 @@ class AutoBatchTrainer(Trainer):
 
     def floating_point_ops(self, inputs: Any) -> int:
         """The step's floating-point operations: the sum over its micro-batches, as collated."""
-        if isinstance(inputs, Step):
+        if isinstance(inputs, _Step):
             return int(self._flos)
         return int(super().floating_point_ops(inputs))
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         """One optimizer step's micro-steps, in micro-batches that fit; the Trainer's loop then clips,
         steps the optimizer and the scheduler, and logs."""
-        if not isinstance(inputs, Step):  # a batch this trainer's loader did not cut: the Trainer's step
+        if not isinstance(inputs, _Step):  # a batch this trainer's loader did not cut: the Trainer's step
             return super().training_step(model, inputs, num_items_in_batch)
         samples = list(inputs)
         model.train()
@@ -238,6 +238,7 @@ class AutoBatchTrainer(Trainer):
         if callable(train):
             train()  # schedule-free optimizers, as the Trainer does
         runner = self._runner if self._runner is not None else self._start(model, samples)
+        runner.epoch = int(self.state.epoch or 0)  # for the back-offs' records and messages
         total = len(samples) if runner.group is None else int(runner.group.sum([len(samples)])[0])
         data = StepSamples(self, samples)
         loss = runner.optimizer_step(data, total)

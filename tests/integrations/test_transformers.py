@@ -121,6 +121,24 @@ def test_a_causal_lm_whose_loss_divides_by_num_items_equals_one_batch_of_the_tar
     assert losses(ours.trainer) == pytest.approx(losses(plain.trainer), rel=1e-5)
 
 
+def test_a_micro_batch_too_large_for_the_device_backs_off_by_measure_and_regrows(
+    bert_runs: dict[str, Run], tmp_path: Path
+) -> None:
+    samples, collate = classification_samples(N), padding_collator()
+    ours = run(
+        AutoBatchTrainer, bert, samples, collate, arguments(tmp_path), memory_limit=LIMIT, micro_batch=16,
+        regrow_after=2,
+    )  # fmt: skip
+    backoffs, regrowths = ours.trainer.backoffs, ours.trainer._runner.regrowths
+    assert [(b.epoch, b.step, b.from_micro, b.to_micro) for b in backoffs] == [
+        (0, 0, 16, 9),
+        (0, 2, 16, 9),
+        (1, 4, 16, 9),
+    ]
+    assert [(r.from_micro, r.to_micro) for r in regrowths] == [(9, 16)] * 3  # after 2 clean steps
+    assert rel_err(ours.weights, bert_runs["plain"].weights) < TOLERANCE
+
+
 def test_its_optimizer_scheduler_clipping_and_gradient_checkpointing_are_the_trainer_s(
     bert_runs: dict[str, Run], tmp_path: Path
 ) -> None:
