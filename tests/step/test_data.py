@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from autobatch.step import data as data_module
 from autobatch._tree import batch_size_of, slice_batch
+from autobatch.step import data as data_module
 from autobatch.step.data import DataSource, as_source, default_size
 from tests.models import SequenceDataset, pad_collate
 
