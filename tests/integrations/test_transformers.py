@@ -281,6 +281,15 @@ def test_the_target_is_the_arguments_product_unless_given(tmp_path: Path) -> Non
     assert given.target_batch == 64
 
 
+def test_a_target_the_ranks_cannot_share_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))  # as under torchrun
+    args = arguments(tmp_path, 4, 4)
+    with pytest.raises(autobatch.UsageValueError, match=r"a multiple of the 2 ranks .* but got 33"):
+        AutoBatchTrainer(model=bert(), args=args, train_dataset=classification_samples(8), target_batch=33)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
