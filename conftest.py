@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+# The integrations import their framework at the top: their docstring examples are collected only where it
+# is installed (pip install -e '.[hf]' or '.[lightning]').
+_FRAMEWORK_OF = {
+    "autobatch/integrations/transformers.py": ("transformers", "accelerate"),
+    "autobatch/integrations/_hf.py": ("transformers",),
+    "autobatch/integrations/lightning.py": ("lightning",),
+}
+collect_ignore = [
+    path
+    for path, needs in _FRAMEWORK_OF.items()
+    if any(importlib.util.find_spec(name) is None for name in needs)
+]
 
 
 @pytest.fixture(autouse=True)

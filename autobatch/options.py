@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "COLUMNS",
     "EMULATIONS",
     "ENTRY_POINTS",
     "PRECISIONS",
@@ -437,7 +438,58 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
             }
         ),
     ),
+    # autobatch.integrations.transformers.AutoBatchTrainer: the step is the Trainer's (its loss, optimizer,
+    # precision and clipping come from its TrainingArguments), the target from them or `target_batch=`
+    "AutoBatchTrainer": (
+        ("memory", "probe", "cache", "train"),
+        frozenset(
+            {
+                "device",
+                "accumulate",
+                "scaler",
+                "target_batch",
+                "epochs",
+                "scheduler",
+                "shuffle",
+                "seed",
+                "drop_last",
+                "progress",
+            }
+        ),
+    ),
+    # autobatch.integrations.lightning.AutoBatch: probes, then Lightning's loop trains (its accumulation,
+    # threads and scheduler); `target_batch` is the callback's own argument
+    "AutoBatch": (
+        ("memory", "probe", "cache", "train"),
+        frozenset(
+            {
+                "device",
+                "cpu_threads",
+                "accumulate",
+                "scaler",
+                "target_batch",
+                "epochs",
+                "num_items",
+                "scheduler",
+                "shuffle",
+                "seed",
+                "drop_last",
+                "regrow_after",
+                "progress",
+            }
+        ),
+    ),
 }
+
+COLUMNS = {
+    "fit": "fit",
+    "probe": "probe",
+    "try_batch": "try_batch",
+    "TrainStep": "TrainStep",
+    "AutoBatchTrainer": "HF",
+    "AutoBatch": "Lightning",
+}
+"""The options table's column for each entry point."""
 
 PROBE_ONLY = frozenset(f.name for f in fields(ProbeOptions)) | {"cache", "cache_dir"}
 """Options that only matter when fit probes: refused together with ``micro_batch``."""
@@ -491,7 +543,7 @@ class Options:
                 "Expected one of `step_fn` and `loss_fn`, but got both: step_fn replaces the forward and "
                 "the loss, so loss_fn would never run. Compute the loss inside step_fn."
             )
-        if self.entry in ("fit", "TrainStep") and self.train.micro_batch is not None:
+        if self.entry != "probe" and self.train.micro_batch is not None:
             clash = sorted(self.given & PROBE_ONLY)
             if clash:
                 raise UsageValueError(
@@ -556,14 +608,14 @@ def default_of(name: str) -> Any:
 def markdown_table() -> str:
     """The README's options table: every option, its default, who takes it and what it does."""
     rows = [
-        "| option | default | fit | probe | try_batch | TrainStep | CLI | what |",
-        "|---|---|:-:|:-:|:-:|:-:|---|---|",
+        f"| option | default | {' | '.join(COLUMNS.values())} | CLI | what |",
+        f"|---|---|{':-:|' * len(COLUMNS)}---|---|",
     ]
     taken = {entry: {f.name for f in entry_fields(entry)} for entry in ENTRY_POINTS}
     for cls in GROUPS.values():
         for f in fields(cls):
             spec = spec_of(f)
-            marks = ["✓" if f.name in taken[e] else "" for e in ("fit", "probe", "try_batch", "TrainStep")]
+            marks = ["✓" if f.name in taken[e] else "" for e in COLUMNS]
             flag = f"`{spec.cli.flag}`" if spec.cli else ""
             what = spec.help.replace("|", "\\|")
             rows.append(f"| `{f.name}` | `{f.default!r}` | {' | '.join(marks)} | {flag} | {what} |")

@@ -532,7 +532,7 @@ def _rank_main(
         results, seconds = [], {"start": time.time() - launched}
         for name, kwargs in scenarios:
             t0 = time.perf_counter()
-            results.append(SCENARIOS[name](rank, **kwargs))
+            results.append(scenario(name)(rank, **kwargs))
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         torch.save({"results": results, "logs": logs.messages, "seconds": seconds}, path / f"rank{rank}.pt")
     except BaseException:
@@ -541,6 +541,15 @@ def _rank_main(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def scenario(name: str) -> Callable[..., dict[str, Any]]:
+    """A scenario of :data:`SCENARIOS`, or ``"module:function"`` of another test module's ranks."""
+    if ":" not in name:
+        return SCENARIOS[name]
+    module, _, function = name.partition(":")
+    found: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
+    return found
 
 
 # -- the launcher (runs in the test process) -------------------------------------------------------

@@ -41,7 +41,10 @@ def run_ci(tmp_path: Path, **exits: int) -> tuple[int, list[str]]:
     log.touch()
     for tool in TOOLS:
         fake = fakes / tool
-        fake.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\nexit {exits.get(tool, 0)}\n')
+        # `python -m venv DIR` makes DIR/bin/python: the same fake, which records as "python" too.
+        venv = 'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi\n'
+        body = venv if tool == "python" else ""
+        fake.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{body}exit {exits.get(tool, 0)}\n')
         fake.chmod(0o755)
     done = subprocess.run(
         ["bash", str(SCRIPT)],
@@ -78,3 +81,19 @@ def test_a_clean_run_runs_every_step(tmp_path: Path) -> None:
     assert "pip install -e .[test]" in commands and "pytest " in commands  # the README's command
     assert commands.index("pytest ") == commands.index("pip install -e .[test]") + 1
     assert {"ruff", "mypy"} <= {c.split()[0] for c in commands}, commands
+
+
+def test_the_integrations_are_tested_with_the_extras_and_with_their_oldest_versions(tmp_path: Path) -> None:
+    code, commands = run_ci(tmp_path)
+    assert code == 0
+    extras = commands.index("python -m pip install --quiet -e .[hf,lightning]")
+    assert commands.index("python -m pip install --quiet torch==2.13.0") < extras < commands.index("pytest ")
+    oldest = [c for c in commands if "transformers==" in c]
+    assert oldest == [
+        "python -m pip install --quiet -e .[test,hf,lightning] transformers==4.46.3 accelerate==1.1.0 "
+        "lightning==2.4.0"
+    ]
+    venv = commands.index(next(c for c in commands if c.startswith("python -m venv ")))
+    torch_first = commands.index("python -m pip install --quiet torch==2.13.0", venv)
+    assert venv < torch_first < commands.index(oldest[0])  # no extra pulls another torch there either
+    assert commands[-4] == "python -m pytest -q -p no:cacheprovider tests/integrations"

@@ -19,7 +19,21 @@ MAY_IMPORT = {
     "cache": {"result"},
     "training": {"memory", "step", "session", "options", "distributed", "result", "planner", "probing"},
     "cli": {"api", "result", "options", "session", "planner", "cache", "memory", "step", "demo", "testing"},
+    # the public API and the layers below it; its frameworks are imported nowhere else (tested below)
+    "integrations": {
+        "api",
+        "result",
+        "options",
+        "session",
+        "distributed",
+        "planner",
+        "memory",
+        "step",
+        "probing",
+        "training",
+    },
 }
+FRAMEWORKS = {"transformers", "accelerate", "lightning", "pytorch_lightning", "lightning_fabric"}
 # Modules of those layers that a front may use: checks and parsing, never what runs a step.
 FRONT_MAY_USE = {"memory.device", "step.stepper", "step.data", "cache.store"}
 
@@ -116,3 +130,26 @@ def test_the_tests_mirror_the_package() -> None:
     tests = Path(__file__).resolve().parent
     for package in MAY_IMPORT:
         assert (tests / package / "__init__.py").exists(), package
+
+
+def frameworks_imported(path: Path) -> set[str]:
+    """The frameworks ``path`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+    return found & FRAMEWORKS
+
+
+def test_the_frameworks_are_imported_only_inside_integrations() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        inside = path.relative_to(PACKAGE).parts[0] == "integrations" and path.name != "__init__.py"
+        if not inside:
+            assert not frameworks_imported(path), f"{module_name(path)} imports {frameworks_imported(path)}"
+    assert frameworks_imported(PACKAGE / "integrations" / "transformers.py") == {"transformers"}
+    assert frameworks_imported(PACKAGE / "integrations" / "lightning.py") == {
+        "lightning",
+        "pytorch_lightning",
+    }

@@ -300,17 +300,26 @@ class Stepper:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-    def optimizer_step(self, loss: float | None = None) -> StepResult:
+    def optimizer_step(
+        self, loss: float | None = None, update: Callable[[], bool] | None = None
+    ) -> StepResult:
         """Unscale, clip, step and update: once per effective batch.
 
         Args:
             loss: the step's loss over every rank (default: :meth:`pending_loss`).
+            update: a framework's own optimizer step, run instead of all of this (the Hugging Face
+                Trainer's: its loop has clipped, and its optimizer steps and updates the scaler; the
+                framework zeroes the gradients after it); returns whether it applied the update.
 
         A step is not applied when the GradScaler finds inf/NaN gradients (fp16; the scaler then lowers
         its scale) or, with ``skip_nonfinite``, when the loss or the clipped gradient norm is NaN or
         infinite. The gradients are zeroed either way.
         """
         self.memory.mark("optimizer")
+        if update is not None:
+            applied = bool(update())
+            self._loss = None
+            return StepResult(applied=applied)
         if loss is None:
             loss = self.pending_loss()
         if self.skip_nonfinite and not math.isfinite(loss):

@@ -19,6 +19,11 @@ by every rank before any rank acts on it (one small all-gather each; nothing in 
    :class:`~autobatch.errors.OptimizerStepError` rather than apply an update twice.
 
 Any other exception, on any rank, stops every rank (:func:`autobatch.distributed.fail_together`).
+
+A framework whose own loop steps the optimizer (the Hugging Face Trainer clips, steps, schedules and logs
+after its ``training_step``) runs phases 1 and 2 with ``run_step(..., defer_update=True)`` and phase 3
+later with :func:`run_update`, its own optimizer step in place of autobatch's: measured, agreed and
+tried once more where nothing changed, as above.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from autobatch.memory.device import Measurement
 from autobatch.memory.oom import demand_bytes, is_oom, release_memory
 from autobatch.step.stepper import Stepper, StepResult
 
-__all__ = ["StepOutcome", "run_step"]
+__all__ = ["StepOutcome", "run_step", "run_update"]
 
 OK, OOM, PARTIAL, ERROR = 0, 1, 2, 3
 """Per-rank status of a phase; the worst over the ranks wins."""
@@ -69,6 +74,8 @@ class StepOutcome:
         retried: the optimizer step ran out of memory on some rank without changing anything, and was
             tried once more there after the cached memory was released.
         trace: with ``trace=True``, this rank's allocation timeline of the step (resident sizes, events).
+        deferred: the micro-steps fitted on every rank and the gradients are summed, but the optimizer
+            step is the caller's (``run_step(..., defer_update=True)``, then :func:`run_update`).
     """
 
     fitted: bool
@@ -85,6 +92,7 @@ class StepOutcome:
     failed_piece: int | None = None
     retried: bool = False
     trace: Any = None
+    deferred: bool = False
 
 
 def _peak(value: int | None) -> float:
@@ -103,6 +111,7 @@ def run_step(
     group: distributed.Group | None = None,
     ddp: Any = None,
     trace: bool = False,
+    defer_update: bool = False,
 ) -> StepOutcome:
     """Run one optimizer step over the micro-batches ``pieces()`` returns, all or nothing on every rank.
 
@@ -113,6 +122,8 @@ def run_step(
         group: the data-parallel ranks, or ``None`` in one process.
         ddp: the DDP wrapper whose ``no_sync()`` keeps each micro-step's gradients local.
         trace: record the step's allocations (the probe's memory model is made of them).
+        defer_update: stop once the micro-steps fitted and the gradients are summed (the outcome is
+            ``deferred``): the caller's framework steps the optimizer, through :func:`run_update`.
 
     Returns:
         The :class:`StepOutcome`, identical on every rank. After a step that did not fit, its gradients
@@ -121,6 +132,8 @@ def run_step(
     Raises:
         Whatever a rank raised that was not an out-of-memory, on that rank; PeerError on the others.
     """
+    result: _Done | None = None
+    rows: list[list[float]] = []
     with contextlib.ExitStack() as region:
         status, failure, measured, demand, piece = OK, None, Measurement(), None, None
         statistics = stepper.save_statistics()  # a step redone must not update them twice
@@ -149,7 +162,8 @@ def run_step(
             backward_peak = _unpeak([row[2] for row in rows])
             if group is not None:
                 group.sum_gradients(stepper.trainable)
-            result, rows = _optimizer_phase(stepper, loss, group, measured.peak_so_far)
+            if not defer_update:
+                result, rows = _optimizer_phase(stepper, None, loss, group, measured.peak_so_far)
     if oom_ranks:
         _drop(stepper)
         stepper.restore_statistics(statistics)
@@ -160,6 +174,52 @@ def run_step(
             demand_bytes=demand,
             failed_piece=piece if status == OOM else None,
         )
+    if defer_update:
+        return StepOutcome(
+            fitted=True,
+            deferred=True,
+            loss=loss,
+            backward_peak=backward_peak,
+            step_reserved=measured.reserved_bytes,
+            trace=measured.trace,
+        )
+    return _settled(stepper, result, rows, loss, backward_peak, measured)
+
+
+def run_update(
+    stepper: Stepper, update: Callable[[], bool], loss: float, *, group: distributed.Group | None = None
+) -> StepOutcome:
+    """The optimizer phase of a step whose micro-steps :func:`run_step` ran with ``defer_update=True``.
+
+    ``update()`` is a framework's own optimizer step (the Hugging Face Trainer's, after its loop
+    clipped), returning whether it applied the update. It runs in a measured region of its own on the
+    stepper's device memory, and every rank agrees on it as in :func:`run_step`: an out-of-memory that
+    changed nothing is tried once more, any other makes the step partial.
+
+    Args:
+        stepper: the stepper whose micro-steps ran.
+        update: the framework's optimizer step.
+        loss: the step's loss over every rank (what the deferred outcome said).
+        group: the data-parallel ranks, or ``None`` in one process.
+
+    Returns:
+        The :class:`StepOutcome` of the whole step, identical on every rank (its ``backward_peak`` is
+        the deferred outcome's).
+    """
+    with stepper.memory.measure(stepper.state_tensors) as measured:
+        result, rows = _optimizer_phase(stepper, update, loss, group, measured.peak_so_far)
+    return _settled(stepper, result, rows, loss, None, measured)
+
+
+def _settled(
+    stepper: Stepper,
+    result: _Done | None,
+    rows: list[list[float]],
+    loss: float,
+    backward_peak: int | None,
+    measured: Measurement,
+) -> StepOutcome:
+    """The outcome of a step whose micro-steps fitted, from its optimizer phase's result and rows."""
     statuses = [int(row[0]) for row in rows]
     if max(statuses) != OK:
         _drop(stepper)
@@ -212,9 +272,14 @@ class _Done:
 
 
 def _optimizer_phase(
-    stepper: Stepper, loss: float, group: distributed.Group | None, peak_now: Callable[[], int | None]
+    stepper: Stepper,
+    update: Callable[[], bool] | None,
+    loss: float,
+    group: distributed.Group | None,
+    peak_now: Callable[[], int | None],
 ) -> tuple[_Done | None, list[list[float]]]:
-    """The optimizer step, tried at most twice; this rank's result and every rank's ``[status, peak]``.
+    """The optimizer step (autobatch's, or a framework's ``update``), tried at most twice; this rank's
+    result and every rank's ``[status, peak]``.
 
     The second try is only for the ranks whose first one ran out of memory without changing anything;
     if some rank is still failing then while others applied the update, the ranks now differ: PARTIAL.
@@ -226,7 +291,7 @@ def _optimizer_phase(
         if status == OOM:
             guard = _Guard(stepper)
             try:
-                result = stepper.optimizer_step(loss)
+                result = stepper.optimizer_step(loss, update)
                 status = OK
             except Exception as exc:
                 status, failure = (PARTIAL if guard.touched() else OOM, None) if is_oom(exc) else (ERROR, exc)

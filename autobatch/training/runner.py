@@ -11,6 +11,10 @@ twice. The smaller size is measured, not guessed: the largest that the memory mo
 the failed micro-batch was measured to need (:mod:`autobatch.step.backoff`). After ``regrow_after`` clean
 steps the micro-batch grows back towards the probed size. Collating and counting a step's samples is host
 work, not device memory: a failure there never backs the micro-batch off (:mod:`autobatch.step.reading`).
+
+A framework whose own loop steps the optimizer (the Hugging Face Trainer) runs each step in two calls:
+:meth:`StepRunner.optimizer_step` (with ``defer_update``) runs the micro-steps, backing off as above, and
+:meth:`StepRunner.update` then runs the framework's optimizer step as the transaction's last phase.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from autobatch.step.backoff import largest_fitting, peak_without_limit
 from autobatch.step.data import StepData
 from autobatch.step.reading import collate_pieces
 from autobatch.step.stepper import Stepper
-from autobatch.step.transaction import StepOutcome, run_step
+from autobatch.step.transaction import StepOutcome, run_step, run_update
 from autobatch.units import format_bytes
 
 __all__ = ["NONFINITE_STREAK", "NumItemsFn", "StepRunner", "chunk_bounds"]
@@ -81,6 +85,11 @@ class StepRunner:
         scheduler: an LR scheduler stepped after each applied step, or ``None``.
         target_batch: the effective batch of a full step, over all ranks (for the plan it logs).
         on_step: called once a step has fitted, before its bookkeeping (fit: training has begun).
+        loss_over_step_items: the step function divides each micro-loss by the items of the whole step
+            itself (reading :attr:`step_items`, as Hugging Face's ``num_items_in_batch``), so every
+            micro-loss weighs 1; ``num_items`` counts them.
+        defer_update: :meth:`optimizer_step` stops once the micro-steps fitted; the framework's optimizer
+            step follows through :meth:`update`.
     """
 
     def __init__(
@@ -99,7 +108,13 @@ class StepRunner:
         scheduler: Any = None,
         target_batch: int | None = None,
         on_step: Callable[[], None] | None = None,
+        loss_over_step_items: bool = False,
+        defer_update: bool = False,
     ) -> None:
+        if loss_over_step_items and num_items is None:
+            raise UsageValueError(
+                "Expected `num_items` with `loss_over_step_items`: it counts the step's items."
+            )
         self.stepper = stepper
         self.memory = memory
         self.group = group
@@ -116,6 +131,12 @@ class StepRunner:
         self.scheduler = scheduler
         self.target_batch = target_batch
         self.on_step = on_step
+        self.loss_over_step_items = loss_over_step_items
+        self.defer_update = defer_update
+        self.step_items: float | None = None
+        """The items of the step under way over all ranks (with ``num_items``), once its micro-batches are
+        prepared."""
+        self._pending: tuple[StepOutcome, int] | None = None
         # A failed micro-batch is measured on this rank alone: not where its forward is a collective.
         self._measurable = group is None or not any(
             isinstance(m, torch.nn.SyncBatchNorm) for m in stepper.model.modules()
@@ -176,6 +197,9 @@ class StepRunner:
                 f"Expected `num_items` to count at least one item in a step, but it counted {items} in "
                 f"{self.where()}."
             )
+        self.step_items = items
+        if self.loss_over_step_items:
+            return [1.0] * len(counts)
         return [count / items for count in counts]
 
     def _prepared(
@@ -219,6 +243,11 @@ class StepRunner:
         Returns:
             The step's loss over every rank (NaN or infinite for a skipped non-finite step).
         """
+        if self._pending is not None:
+            raise RuntimeError(
+                f"The optimizer step of step {self.steps + 1} is still pending: call update() before the "
+                "next step's micro-steps."
+            )
         # Every rank starts from the same micro-batch, so that all back off alike.
         first = micro = min(self.micro, max(1, -(-samples // self.world_size)))
         while True:
@@ -227,6 +256,7 @@ class StepRunner:
                 self._prepared(data, micro, samples, failure),
                 group=self.group,
                 ddp=self.ddp,
+                defer_update=self.defer_update,
             )
             if outcome.fitted:
                 break
@@ -248,8 +278,34 @@ class StepRunner:
             self.micro = micro
         if self.on_step is not None:
             self.on_step()
-        self._finish(outcome, samples)
+        if outcome.deferred:
+            self._pending = (outcome, samples)
+        else:
+            self._finish(outcome, samples)
         return outcome.loss
+
+    @property
+    def pending(self) -> bool:
+        """Whether a step's micro-steps ran and its optimizer step (:meth:`update`) has not."""
+        return self._pending is not None
+
+    def update(self, update: Callable[[], bool]) -> StepOutcome:
+        """The optimizer step of the step :meth:`optimizer_step` ran with ``defer_update``: ``update()`` is
+        the framework's own (it returns whether it applied the update), run as the transaction's last
+        phase (:func:`~autobatch.step.transaction.run_update`).
+
+        Raises:
+            OptimizerStepError: it ran out of memory after changing parameters, or also when tried again.
+        """
+        if self._pending is None:
+            raise RuntimeError("No step is waiting for its optimizer step: run optimizer_step() first.")
+        deferred, samples = self._pending
+        self._pending = None
+        outcome = run_update(self.stepper, update, deferred.loss, group=self.group)
+        if not outcome.fitted:
+            raise self._optimizer_error(outcome)
+        self._finish(outcome, samples)
+        return outcome
 
     def _smaller(self, micro: int, outcome: StepOutcome, data: StepData | None) -> tuple[int, int | None]:
         """The micro-batch to redo the step with after ``micro`` ran out of memory, agreed on by every rank

@@ -19,7 +19,7 @@ import autobatch
 from autobatch.errors import OptimizerStepError
 from autobatch.memory.device import DeviceMemory
 from autobatch.step.stepper import Stepper
-from autobatch.step.transaction import run_step
+from autobatch.step.transaction import run_step, run_update
 
 CPU = torch.device("cpu")
 
@@ -229,6 +229,68 @@ def test_errors_in_reading_or_in_the_step_propagate_unchanged() -> None:
         run_step(s, unreadable)
     with pytest.raises(RuntimeError, match="shapes"):
         run_step(s, lambda: [((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), 1.0)])
+
+
+# -- a framework's own optimizer step (defer_update, run_update) ---------------------------------------
+
+
+def halves(X: torch.Tensor, y: torch.Tensor) -> Any:
+    return lambda: [((X[:4], y[:4]), 0.5), ((X[4:], y[4:]), 0.5)]
+
+
+def test_a_deferred_step_sums_the_gradients_and_leaves_the_update_to_the_framework() -> None:
+    model, reference = mlp(), mlp()
+    X, y = data(8)
+    s = stepper(model, 1 << 20)
+    before = weights(model)
+    outcome = run_step(s, halves(X, y), defer_update=True)
+    assert outcome.fitted and outcome.deferred and not outcome.applied
+    assert all(torch.equal(v, before[k]) for k, v in weights(model).items())  # nothing applied yet
+    F.cross_entropy(reference(X), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-6)
+    calls = []
+
+    def update() -> bool:  # the framework's step: it zeroes the gradients itself, after
+        calls.append(1)
+        s.optimizer.step()
+        return True
+
+    done = run_update(s, update, outcome.loss)
+    assert done.fitted and done.applied and not done.deferred and calls == [1]
+    assert done.loss == outcome.loss and s.pending_loss() == 0.0  # the next step starts from nothing
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for name, value in weights(reference).items():
+        assert torch.allclose(weights(model)[name], value, atol=1e-6), name
+
+
+def test_a_framework_update_that_changed_nothing_is_tried_again_once() -> None:
+    model = mlp()
+    X, y = data(8)
+    s = Stepper(model, torch.optim.Adam(model.parameters(), lr=1e-2), DeviceMemory(CPU, 1 << 20), "fp32")
+    outcome = run_step(s, halves(X, y), defer_update=True)
+    with patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
+        done = run_update(s, lambda: s.optimizer.step() or True, outcome.loss)
+    assert done.fitted and done.retried and done.applied
+    assert all(int(state["step"]) == 1 for state in s.optimizer.state.values())  # applied once
+
+
+@pytest.mark.parametrize("fails", ["twice", "half-way"])
+def test_a_framework_update_that_cannot_fit_reports_the_optimizer_step_phase(fails: str) -> None:
+    model = mlp()
+    X, y = data(8)
+    s = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), DeviceMemory(CPU, 1 << 20), "fp32")
+    outcome = run_step(s, halves(X, y), defer_update=True)
+
+    def update() -> bool:
+        if fails == "half-way":
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+        raise torch.OutOfMemoryError("injected in the framework's optimizer step")
+
+    done = run_update(s, update, outcome.loss)
+    assert not done.fitted and done.phase == "optimizer step" and done.partial is (fails == "half-way")
+    assert all(p.grad is None for p in model.parameters())  # the step's gradients are dropped
 
 
 # -- non-finite losses --------------------------------------------------------------------------------
