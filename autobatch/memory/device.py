@@ -144,8 +144,11 @@ def default_cpu_limit() -> int:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once).
+
+    Storages are told apart by identity, not by address: fake and meta storages all report address 0.
+    """
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
