@@ -28,6 +28,7 @@ ENTRIES = {
     "probe": autobatch.probe,
     "try_batch": autobatch.try_batch,
     "TrainStep": autobatch.TrainStep,
+    "predict": autobatch.predict,
 }
 
 
@@ -42,6 +43,7 @@ def test_each_entry_point_s_signature_lists_its_options_with_their_defaults(entr
         "probe": {"model", "data"},
         "try_batch": {"model", "data", "batch_size", "steps"},
         "TrainStep": {"model", "optimizer"},
+        "predict": {"model", "data"},
     }
     assert set(signature.parameters) == own[entry] | {f.name for f in entry_fields(entry)}
     assert not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())

@@ -30,6 +30,7 @@ from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.footprint import ModelState, model_state
 from autobatch.memory.oom import frozen_heap, release_memory
 from autobatch.memory.survival import SurvivalPredictor
+from autobatch.probing.fake import ShapeOnlyScaler
 from autobatch.probing.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
 from autobatch.probing.trials import Trials, Verdict
 from autobatch.result import ProbeResult
@@ -69,9 +70,21 @@ class Prober:
         chunks: the micro-batches a plan cuts a micro-batch into (``fit`` knows its target): training
             at a micro-batch survives when the steps of that plan do. ``None``: two micro-steps of it (one
             without ``accumulate``).
+        values: whether the steps may read values; ``False`` on fake tensors (a prediction), where the
+            GradScaler is a :class:`~autobatch.probing.fake.ShapeOnlyScaler`.
+        kernels: the :class:`~autobatch.step.cudakernels.KernelPolicy` the forward runs under, or ``None``.
+        runtime: tensors the runtime holds on the device from the start (a GPU's cuBLAS workspaces).
     """
 
-    def __init__(self, session: Session, chunks: Callable[[int], Sequence[int]] | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        chunks: Callable[[int], Sequence[int]] | None = None,
+        *,
+        values: bool = True,
+        kernels: Any = None,
+        runtime: Sequence[torch.Tensor] = (),
+    ) -> None:
         self.session = session
         self.memory = session.memory.guarded()
         step = session.options.step
@@ -79,7 +92,7 @@ class Prober:
         if optimizer is None:  # probe and try_batch: the optimizer training would default to
             optimizer = torch.optim.AdamW([p for p in session.model.parameters() if p.requires_grad], lr=1e-3)
         self.optimizer = optimizer
-        scaler = torch.amp.GradScaler(
+        scaler = (torch.amp.GradScaler if values else ShapeOnlyScaler)(
             session.device.type, init_scale=1.0, enabled=session.precision == "fp16"
         )
         self.stepper = Stepper(
@@ -92,6 +105,9 @@ class Prober:
             grad_clip=step.grad_clip,
             scaler=scaler,
             skip_nonfinite=False,
+            values=values,
+            kernels=kernels,
+            runtime=runtime,
         )
         self.floor = session.floor
         capacity = self.memory.capacity
