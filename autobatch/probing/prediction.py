@@ -251,36 +251,34 @@ def _on_real_tensors(
                     "of host memory, more than half of what is available. Run autobatch.probe on the card."
                 ) from exc
             result = searched(make(), notes, "real tensors")
-    if target.card is not None:
-        notes.append(
-            "kernels: CUDA's autocast op lists and dropout; attention on the host's math path (the fused "
-            "kernels have no CPU kernel to run real tensors): low for attention models"
-        )
+    if policy is not None:
+        attention = ""
+        if policy.backends:  # the fused kernels have no CPU kernel to run real tensors
+            attention = "; attention on the host's math path, which holds its scores: the answer is low"
+        notes.append(f"kernels: CUDA's autocast op lists and dropout{attention}")
     return result
 
 
 def _nothing_fits(exc: NoBatchFitsError, target: Target) -> NoBatchFitsError:
-    """The probe's no-fit error, for a card: which card of the table the smallest batch needs."""
+    """The probe's no-fit error, for a card: the smallest card of the table that holds the smallest batch."""
     c = target.card
     if c is None:
         return exc
     needed = exc.needed_bytes
-    bigger = [other.name for other in CARDS.values() if needed is not None and other.budget >= needed]
-    what, _, _ = str(exc).partition(" Try ")
-    what = what.replace(
-        f"under {format_bytes(target.budget)}",
-        f"on a {c.name} ({format_bytes(target.budget)} for the caching allocator)",
+    budget = format_bytes(target.budget)
+    what = str(exc).partition(" Try ")[0].replace("measured without the limit", "predicted without a limit")
+    what = what.replace(f"under {budget}", f"on a {c.name} ({budget} for the caching allocator)")
+    holds = sorted(
+        (o for o in CARDS.values() if needed is not None and o.budget >= needed), key=lambda o: o.budget
     )
     hint = (
-        f"a card with more memory ({', '.join(bigger)})"
-        if bigger
-        else "several cards (no card in the table holds it)"
+        f"a card with more memory (the smallest in the table that holds it: {holds[0].name}, "
+        f"{format_bytes(holds[0].budget)} for the allocator)"
+        if holds
+        else "several cards (no card in the table holds it alone)"
     )
-    message = (
-        f"{what} Try {hint}, a smaller model, an optimizer with less state (SGD instead of Adam)"
-        + (", precision='bf16' or 'fp16'" if target.precision == "fp32" else "")
-        + "."
-    )
+    fp32 = ", precision='bf16' or 'fp16'" if target.precision == "fp32" else ""
+    message = f"{what} Try {hint}, a smaller model, an optimizer with less state (SGD instead of Adam){fp32}."
     return NoBatchFitsError(
         message, memory_limit=exc.memory_limit, model_state=exc.model_state, needed_bytes=needed
     )

@@ -431,8 +431,9 @@ class Prober:
 
     def needed_at_floor(self) -> int | None:
         """The most memory training at the floor batch takes on this device without the limit (the
-        smallest limit that would do), or ``None`` where there is no roomier memory to measure on."""
-        roomy = self.memory.roomy()
+        smallest limit that would do), or ``None`` where there is no roomier memory to measure on (or it
+        ran out there too)."""
+        roomy = self.memory.roomy(host_bound=self.stepper.values)  # fake tensors hold no host memory
         group = self.session.group
         if group is not None and int(group.min([0.0 if roomy is None else 1.0])[0]) == 0:
             return None  # every rank measures, or none does

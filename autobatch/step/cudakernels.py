@@ -182,7 +182,7 @@ class KernelPolicy:
 
     def describe(self) -> str:
         """``'CUDA's autocast lists; attention: flash × 24'``."""
-        used = ", ".join(f"{name} × {n}" for name, n in sorted(self.backends.items())) or "none called"
+        used = ", ".join(f"{name} × {n}" for name, n in sorted(self.backends.items())) or "not called"
         return f"CUDA's autocast op lists, fused dropout; attention: {used}"
 
     # -- casts, as autocast_mode.h's cached_cast makes them -------------------------------------------------
