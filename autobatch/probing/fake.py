@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from autobatch.memory.footprint import kept_tensors
 
 __all__ = [
     "FAKE_LIMITS",
+    "HostReads",
     "RealWhereCheap",
     "ShapeOnlyScaler",
     "fake_session",
@@ -164,17 +166,42 @@ class RealWhereCheap(TorchDispatchMode):
         return _float_statistics(func, args, out) if func in _STATISTICS else out
 
 
+class HostReads:
+    """A data source whose methods run with the fake mode lifted: samples are read and collated for real,
+    as on the host (a collate function's ``torch.zeros`` would otherwise make a fake batch, whose values
+    the model could not read)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._source, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def on_the_host(*args: Any, **kwargs: Any) -> Any:
+            with unset_fake_temporarily():
+                return value(*args, **kwargs)
+
+        return on_the_host
+
+
 @contextlib.contextmanager
 def fake_session(session: Any, *, foreach: bool | None = None) -> Iterator[FakeTensorMode]:
     """Inside the block, ``session``'s model and optimizer are fake twins of the user's (which are never
-    touched) and the fake modes are entered; leaving puts the session's own back.
+    touched), its data is read on the host (:class:`HostReads`) and the fake modes are entered; leaving
+    puts the session's own back.
 
     Args:
         session: a resolved :class:`~autobatch.session.Session`.
         foreach: set the optimizer's ``foreach`` (``True`` where CUDA's default would pick it), or keep it.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    saved = session.model, session.optimizer, session.ddp
+    saved = session.model, session.optimizer, session.ddp, session.source
     model = twin_model(session.model, mode)
     settings = {} if foreach is None else {"foreach": foreach}
     if session.optimizer is not None:
@@ -183,11 +210,12 @@ def fake_session(session: Any, *, foreach: bool | None = None) -> Iterator[FakeT
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-3, **settings)
     session.model, session.optimizer, session.ddp = model, optimizer, None
+    session.source = HostReads(session.source)
     try:
         with mode, RealWhereCheap():
             yield mode
     finally:
-        session.model, session.optimizer, session.ddp = saved
+        session.model, session.optimizer, session.ddp, session.source = saved
 
 
 _OWN = (Path(torch.__file__).parent, Path(__file__).resolve().parents[1])

@@ -271,12 +271,17 @@ def _nothing_fits(exc: NoBatchFitsError, target: Target) -> NoBatchFitsError:
     holds = sorted(
         (o for o in CARDS.values() if needed is not None and o.budget >= needed), key=lambda o: o.budget
     )
-    hint = (
-        f"a card with more memory (the smallest in the table that holds it: {holds[0].name}, "
-        f"{format_bytes(holds[0].budget)} for the allocator)"
-        if holds
-        else "several cards (no card in the table holds it alone)"
-    )
+    if target.budget < c.budget:  # memory_limit capped the card's allocator
+        hint = (
+            f"memory_limit='{format_bytes(needed, up=True)}' or more" if needed else "a larger memory_limit"
+        )
+    elif holds:
+        hint = (
+            f"a card with more memory (the smallest in the table that holds it: {holds[0].name}, "
+            f"{format_bytes(holds[0].budget)} for the allocator)"
+        )
+    else:
+        hint = "several cards (no card in the table holds it alone)"
     fp32 = ", precision='bf16' or 'fp16'" if target.precision == "fp32" else ""
     message = f"{what} Try {hint}, a smaller model, an optimizer with less state (SGD instead of Adam){fp32}."
     return NoBatchFitsError(
