@@ -253,7 +253,9 @@ class ProbeResult:
             lines.append(
                 "cold: a first step from a cold start, steady: a step at steady state (their memory "
                 "timelines predict the answer); the others: the step that decides whether training survives"
-                + ("; on fake tensors" if self.predicted else "")
+                if not self.predicted
+                else "cold: a first step from a cold start, steady: a step at steady state, on fake tensors "
+                "(their memory timelines, replayed, give the answer)"
             )
         if self.bytes_per_sample is not None:
             lines.append(
@@ -262,7 +264,7 @@ class ProbeResult:
         lines.extend(self.survival_notes())
         if self.predicted:
             budget = _bytes(self.budget_bytes)
-            lines.append(f"kernels: {self.kernels} · the caching allocator's budget: {budget}")
+            lines.append(f"predicted with {self.kernels} kernels · the caching allocator's budget: {budget}")
             lines.extend(self.prediction_notes)
         if self.margin or self.multiple_of > 1:
             lines.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
