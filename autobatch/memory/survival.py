@@ -501,7 +501,7 @@ class SurvivalPredictor:
             )
         return self._known[key]
 
-    def max_batch(self, limit: int, *, lo: int, hi: int) -> int:
+    def max_batch(self, limit: int, *, lo: int, hi: int, scan_limit: int = SCAN_BUDGET) -> int:
         """The largest batch in ``[lo, hi]`` whose training survives under ``limit`` (``lo - 1``: none).
 
         A binary search within the batch ranges where no allocation changes pool or segment kind (the
@@ -519,7 +519,7 @@ class SurvivalPredictor:
         # The replay is not monotone inside a region either (a cold start's second step may fail at a
         # batch whose neighbours survive): the batches below the answer are replayed for holes.
         scan = fits if self.allocator else None
-        return largest_in_regions(fits, lo, hi, regions, scan=scan, scan_limit=SCAN_BUDGET)
+        return largest_in_regions(fits, lo, hi, regions, scan=scan, scan_limit=scan_limit)
 
     def single_step_max(self, limit: int, *, lo: int, hi: int) -> int:
         """The largest batch in ``[lo, hi]`` whose one step from steady state, packed, fits (and every

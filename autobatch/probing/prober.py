@@ -29,7 +29,7 @@ from autobatch.errors import NoBatchFitsError
 from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.footprint import ModelState, model_state
 from autobatch.memory.oom import frozen_heap, release_memory
-from autobatch.memory.survival import SurvivalPredictor
+from autobatch.memory.survival import SCAN_BUDGET, SurvivalPredictor
 from autobatch.probing.fake import ShapeOnlyScaler
 from autobatch.probing.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
 from autobatch.probing.trials import Trials, Verdict
@@ -39,9 +39,13 @@ from autobatch.step.state import snapshot
 from autobatch.step.stepper import Stepper
 from autobatch.units import format_bytes
 
-__all__ = ["Prober", "apply_margin"]
+__all__ = ["EXPANDABLE_SCAN_PREDICTED", "Prober", "apply_margin"]
 
 logger = logging.getLogger("autobatch.probe")
+
+EXPANDABLE_SCAN_PREDICTED = 16
+"""Batches a prediction's expandable-segments figure replays below it for holes (in strides beyond): the
+replay of that allocator is 3 × slower, and the figure is advisory (it removes most holes anyway)."""
 
 
 def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
@@ -117,6 +121,9 @@ class Prober:
         self.capacity = capacity
         self.trials = Trials(self, chunks)
         self._predictor: SurvivalPredictor | None = None
+        # Batches below the answer the expandable-segments figure replays for holes (it is advisory): as
+        # many as for the answer, or fewer where the replay is all a call costs (a prediction).
+        self.expandable_scan = SCAN_BUDGET if values else EXPANDABLE_SCAN_PREDICTED
 
     @property
     def steps(self) -> int:
@@ -346,7 +353,10 @@ class Prober:
             if not config.expandable_segments:
                 expandable = AllocatorConfig(expandable_segments=True)
                 other = SurvivalPredictor(model, allocator=True, chunks=self.trials.chunks, config=expandable)
-                facts["expandable_batch"] = other.max_batch(self.capacity, lo=self.floor, hi=cap) or None
+                best_expandable = other.max_batch(
+                    self.capacity, lo=self.floor, hi=cap, scan_limit=self.expandable_scan
+                )
+                facts["expandable_batch"] = best_expandable or None
         return facts
 
     def result(self, outcome: SearchOutcome, state: ModelState, cap: int, started: float) -> ProbeResult:
