@@ -103,6 +103,10 @@ def twin_optimizer(
     # Its __dict__, not copy.deepcopy(optimizer): Optimizer.__getstate__ keeps three keys, and an optimizer
     # of the user's own may keep more.
     copied.__dict__ = copy.deepcopy(optimizer.__dict__, memo)
+    for name in [n for n in copied.__dict__ if callable(getattr(type(copied), n, None))]:
+        # An instance attribute shadowing a method (an LR scheduler wraps `step` this way) calls into the
+        # user's optimizer: the copy runs the class's own.
+        del copied.__dict__[name]
     for group in copied.param_groups:
         if not group.get("fused"):
             group.update({k: v for k, v in settings.items() if k in group and group[k] is None})
@@ -203,7 +207,7 @@ def fake_session(session: Any, *, foreach: bool | None = None) -> Iterator[FakeT
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     saved = session.model, session.optimizer, session.ddp, session.source
     model = twin_model(session.model, mode)
-    settings = {} if foreach is None else {"foreach": foreach}
+    settings: dict[str, Any] = {} if foreach is None else {"foreach": foreach}
     if session.optimizer is not None:
         optimizer = twin_optimizer(session.optimizer, session.model, model, **settings)
     else:  # the default training would build

@@ -80,7 +80,7 @@ class Target:
             return [
                 "kernels: this host's (its autocast op lists and attention), as probe(memory_limit=...) runs"
             ]
-        capped = f", capped by memory_limit={format_bytes(self.limit)}" if self.budget < c.budget else ""
+        capped = f", capped by memory_limit={format_bytes(self.budget)}" if self.budget < c.budget else ""
         blocks = self.workspaces
         workspaces = " + ".join(format_bytes(n) for n in blocks[: len(blocks) // WORKSPACE_HANDLES])
         return [
@@ -230,7 +230,7 @@ def _on_real_tensors(
         ) from exc
     notes.append(f"{read}: traced on real tensors, on a copy of the model")
     twin = twin_model(module)
-    settings = {"foreach": True} if target.card is not None else {}
+    settings: dict[str, Any] = {"foreach": True} if target.card is not None else {}
     user = options.step.optimizer
     optimizer = twin_optimizer(user, module, twin, **settings) if user is not None else None
     session = resolve(

@@ -29,7 +29,7 @@ from autobatch.errors import NoBatchFitsError
 from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.footprint import ModelState, model_state
 from autobatch.memory.oom import frozen_heap, release_memory
-from autobatch.memory.survival import SCAN_BUDGET, SurvivalPredictor
+from autobatch.memory.survival import SurvivalPredictor
 from autobatch.probing.fake import ShapeOnlyScaler
 from autobatch.probing.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
 from autobatch.probing.trials import Trials, Verdict
@@ -39,13 +39,14 @@ from autobatch.step.state import snapshot
 from autobatch.step.stepper import Stepper
 from autobatch.units import format_bytes
 
-__all__ = ["EXPANDABLE_SCAN_PREDICTED", "Prober", "apply_margin"]
+__all__ = ["ADVISORY_SCAN_PREDICTED", "Prober", "apply_margin"]
 
 logger = logging.getLogger("autobatch.probe")
 
-EXPANDABLE_SCAN_PREDICTED = 16
-"""Batches a prediction's expandable-segments figure replays below it for holes (in strides beyond): the
-replay of that allocator is 3 × slower, and the figure is advisory (it removes most holes anyway)."""
+ADVISORY_SCAN_PREDICTED = 16
+"""Batches a prediction replays for holes below its advisory figures (what one step alone fits, what
+expandable segments would buy), in strides beyond: the answer's own scan is the probe's, and these replays
+are all a prediction's call costs (the expandable allocator's 3 × slower)."""
 
 
 def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
@@ -121,9 +122,9 @@ class Prober:
         self.capacity = capacity
         self.trials = Trials(self, chunks)
         self._predictor: SurvivalPredictor | None = None
-        # Batches below the answer the expandable-segments figure replays for holes (it is advisory): as
-        # many as for the answer, or fewer where the replay is all a call costs (a prediction).
-        self.expandable_scan = SCAN_BUDGET if values else EXPANDABLE_SCAN_PREDICTED
+        # Batches below the advisory figures replayed for holes: as many as for their own searches, or
+        # fewer where the replay is all a call costs (a prediction).
+        self.advisory_scan: int | None = None if values else ADVISORY_SCAN_PREDICTED
 
     @property
     def steps(self) -> int:
@@ -340,10 +341,12 @@ class Prober:
                 format_bytes(survival.growth),
             )
         fixed = list(survival.fixed_point.values())
+        scan = {} if self.advisory_scan is None else {"scan_limit": self.advisory_scan}
+        single = predictor.single_step_max(self.capacity, lo=self.floor, hi=cap, **scan)
         facts: dict[str, Any] = {
             "fixed_point_steps": None if not fixed or None in fixed else max(fixed),  # type: ignore[type-var]
             "decided_by": survival.binding.describe() if survival.binding is not None else None,
-            "single_step_batch": predictor.single_step_max(self.capacity, lo=self.floor, hi=cap) or None,
+            "single_step_batch": single or None,
         }
         if reserved:
             described = config.alloc_conf or "default"
@@ -353,9 +356,7 @@ class Prober:
             if not config.expandable_segments:
                 expandable = AllocatorConfig(expandable_segments=True)
                 other = SurvivalPredictor(model, allocator=True, chunks=self.trials.chunks, config=expandable)
-                best_expandable = other.max_batch(
-                    self.capacity, lo=self.floor, hi=cap, scan_limit=self.expandable_scan
-                )
+                best_expandable = other.max_batch(self.capacity, lo=self.floor, hi=cap, **scan)
                 facts["expandable_batch"] = best_expandable or None
         return facts
 

@@ -330,6 +330,7 @@ def test_the_model_optimizer_and_generators_are_left_untouched() -> None:
     autobatch.try_batch(model, case.data, 4, memory_limit="4MiB", optimizer=optimizer)  # no state kept
     model(case.data[0][:4]).sum().backward()
     optimizer.step()  # now it holds state, and the model gradients
+    torch.optim.lr_scheduler.StepLR(optimizer, 1)  # wraps optimizer.step in an instance attribute
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
@@ -398,3 +399,15 @@ def test_the_fake_path_never_allocates_at_full_size() -> None:
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     assert measured["state"] > 16 << 30 and measured["batch"] == 1024
     assert measured["extra"] < 512 * MiB, measured
+
+
+def test_the_readme_s_example_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Will it fit on …?", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    said = re.search(r"# T4 (\d+) ([\d.]+ GiB); L4 (\d+)", code)
+    assert said is not None
+    assert printed[0] == f"T4 {said[1]} {said[2]}" and printed[1].startswith(f"L4 {said[3]} ")
+    assert printed[2].startswith("L4: 21.95 GiB as CUDA reports it")
