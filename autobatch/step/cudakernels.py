@@ -15,8 +15,9 @@ Python composite such as ``F.multi_head_attention_forward``):
   they sit above autograd, so the casts are recorded and their backward allocates as on the GPU, and they
   redispatch with autocast excluded;
 * ``scaled_dot_product_attention`` routed to the kernel CUDA's ``select_sdp_backend`` picks on the card
-  (``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: flash, then memory-efficient, then math), whose
-  meta kernels run on fake tensors, forward and backward;
+  (``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: flash, then memory-efficient, then math; where
+  a build prefers cuDNN's attention on Hopper, it is taken as flash), whose meta kernels run on fake tensors,
+  forward and backward;
 * ``dropout`` in training as CUDA's fused ``native_dropout`` (a bool mask).
 
 Leaving the block removes every kernel (``Library._destroy``). The registrations are process-wide: one
