@@ -147,11 +147,12 @@ def _check_memory_limit(value: Any, name: str) -> int | None:
     return parse_memory_limit(value, name=name)
 
 
-def _check_gpu(value: Any, name: str) -> str | None:
-    """``None``, or a card of :mod:`autobatch.memory.cards` by any name it knows, as the table names it."""
-    from autobatch.memory.cards import card  # imports no torch
+def _check_gpu(value: Any, name: str) -> Any:
+    """``None``, a card of :mod:`autobatch.memory.cards` by any name it knows (as the table names it), or a
+    :class:`~autobatch.memory.cards.Card` of the user's."""
+    from autobatch.memory.cards import Card, card  # imports no torch
 
-    return None if value is None else card(value).name
+    return value if value is None or isinstance(value, Card) else card(value).name
 
 
 def _check_instance(kind: str, path: str) -> Callable[[Any, str], Any]:
@@ -417,11 +418,11 @@ class EvalOptions(_Group):
 class PredictOptions(_Group):
     """The GPU :func:`autobatch.predict` answers for."""
 
-    gpu: str | None = option(
+    gpu: Any = option(
         None,
         _check_gpu,
-        "the card to predict for, e.g. 'T4', 'A100-80GB', 'H100' (its memory less the CUDA context is the "
-        "caching allocator's budget; CUDA's kernels are modelled)",
+        "the card to predict for, e.g. 'T4', 'A100-80GB', 'H100', or a Card (its memory less the CUDA "
+        "context is the caching allocator's budget; CUDA's kernels are modelled)",
         keyed=False,
         cli=Cli("--gpu", metavar="NAME"),
     )

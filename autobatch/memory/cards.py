@@ -77,12 +77,16 @@ CONTEXT_LARGE = 512 * MiB  # cards with 100 or more
 class Card:
     """One GPU model: its memory as CUDA reports it, its compute capability and multiprocessors.
 
+    A card the table lacks (or one measured) is made the same way and passed as ``gpu=`` itself:
+    ``Card("V100-32GB", 34_089_730_048, 70, 80, "measured", context_bytes=300 << 20)``.
+
     Attributes:
         name: the table's name (``"A100-80GB"``).
         total: ``total_memory`` in bytes.
         sm: compute capability, major × 10 + minor (75 for 7.5).
         sms: streaming multiprocessors.
         source: where ``total``, ``sm`` and ``sms`` come from.
+        context_bytes: the CUDA context's bytes where measured; ``None``: the table's estimate.
     """
 
     name: str
@@ -90,10 +94,33 @@ class Card:
     sm: int
     sms: int
     source: str
+    context_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for field, value in (("total", self.total), ("sm", self.sm), ("sms", self.sms)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UsageValueError(
+                    f"Expected the card's `{field}` to be a positive int, but got {value!r}."
+                )
+        if not (isinstance(self.name, str) and self.name and isinstance(self.source, str) and self.source):
+            raise UsageValueError(
+                f"Expected the card's `name` and `source` to be text, but got {self.name!r}."
+            )
+        context = self.context_bytes
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0):
+            raise UsageValueError(
+                f"Expected the card's `context_bytes` to be an int ≥ 0, but got {context!r}."
+            )
+        if self.context >= self.total:
+            raise UsageValueError(
+                f"Expected the card's CUDA context ({self.context} B) below its memory ({self.total} B)."
+            )
 
     @property
     def context(self) -> int:
-        """The CUDA context's estimated bytes, outside the caching allocator."""
+        """The CUDA context's bytes outside the caching allocator: measured, or the table's estimate."""
+        if self.context_bytes is not None:
+            return self.context_bytes
         return CONTEXT_LARGE if self.sms >= 100 else CONTEXT_SMALL
 
     @property
@@ -152,20 +179,23 @@ def _key(name: str) -> str:
 _BY_KEY = {_key(name): name for name in CARDS} | {_key(k): v for k, v in _ALIASES.items()}
 
 
-def card(name: str) -> Card:
+def card(name: str | Card) -> Card:
     """The card called ``name``: a table name (``"A100-80GB"``), the name CUDA reports (``"NVIDIA
-    A100-SXM4-80GB"``) or a short alias (``"a100"`` is the 80 GB one, ``"h100"`` the 80 GB SXM).
+    A100-SXM4-80GB"``) or a short alias (``"a100"`` is the 80 GB one, ``"h100"`` the 80 GB SXM); a
+    :class:`Card` is itself.
 
     Raises:
         UsageValueError: the name is not in the table (the message lists the names it knows).
     """
+    if isinstance(name, Card):
+        return name
     if not isinstance(name, str):
         raise UsageValueError(f"Expected `gpu` to be a card's name such as 'T4', but got {name!r}.")
     found = _BY_KEY.get(_key(name))
     if found is None:
         raise UsageValueError(
-            f"Expected `gpu` to be one of {', '.join(CARDS)}, but got {name!r}. For another card, pass its "
-            "memory as memory_limit= (what its caching allocator may reserve)."
+            f"Expected `gpu` to be one of {', '.join(CARDS)}, but got {name!r}. For another card, pass an "
+            "autobatch.memory.cards.Card with its memory, capability and multiprocessors."
         )
     return CARDS[found]
 

@@ -83,10 +83,11 @@ class Target:
         capped = f", capped by memory_limit={format_bytes(self.budget)}" if self.budget < c.budget else ""
         blocks = self.workspaces
         workspaces = " + ".join(format_bytes(n) for n in blocks[: len(blocks) // WORKSPACE_HANDLES])
+        how = "as given" if c.context_bytes is not None else "an estimate from PyTorch's reports"
         return [
             f"{c.name}: {format_bytes(c.total)} as CUDA reports it ({c.source}); the CUDA context keeps "
-            f"{format_bytes(c.context)} of it outside the caching allocator (an estimate from PyTorch's "
-            f"reports): {format_bytes(self.budget)} for the allocator{capped}",
+            f"{format_bytes(c.context)} of it outside the caching allocator ({how}): "
+            f"{format_bytes(self.budget)} for the allocator{capped}",
             f"cuBLAS workspaces held by the allocator from the first step: {WORKSPACE_HANDLES} handles "
             f"(the forward's and autograd's threads) × {workspaces}",
         ]

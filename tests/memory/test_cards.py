@@ -62,7 +62,7 @@ def test_cards_are_found_by_the_name_cuda_reports_and_by_alias() -> None:
 
 
 def test_an_unknown_card_names_the_known_ones_and_the_way_out() -> None:
-    with pytest.raises(UsageValueError, match=r"to be one of T4, L4, .* but got 'V100'.*memory_limit"):
+    with pytest.raises(UsageValueError, match=r"one of T4, L4, .* but got 'V100'.* autobatch.memory.cards.Card"):
         card("V100")
     with pytest.raises(UsageValueError, match="Expected `gpu`"):
         card(80)  # type: ignore[arg-type]
@@ -76,3 +76,16 @@ def test_the_cublas_workspaces_follow_the_capability_and_the_environment() -> No
     unified = {"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "1", "CUBLAS_WORKSPACE_CONFIG": "junk"}
     assert cublas_workspaces(75, unified) == (8_519_680,) * 2  # junk: PyTorch's default
     assert cublas_workspaces(75, {"CUBLASLT_WORKSPACE_SIZE": "0"}) == (8_519_680,) * 2
+
+
+def test_a_card_of_ones_own_is_checked_and_passes_as_itself() -> None:
+    measured = cards.Card("V100-32GB", 34_089_730_048, 70, 80, "measured", context_bytes=300 << 20)
+    assert card(measured) is measured and measured.context == 300 << 20
+    assert measured.budget == 34_089_730_048 - (300 << 20)
+    assert cards.Card("X", 16 << 30, 80, 40, "datasheet").context == cards.CONTEXT_SMALL
+    with pytest.raises(UsageValueError, match=r"card's `sm` to be a positive int, but got 0"):
+        cards.Card("X", 16 << 30, 0, 40, "datasheet")
+    with pytest.raises(UsageValueError, match=r"`context_bytes` to be an int ≥ 0, but got -1"):
+        cards.Card("X", 16 << 30, 80, 40, "datasheet", context_bytes=-1)
+    with pytest.raises(UsageValueError, match=r"CUDA context .* below its memory"):
+        cards.Card("X", 1 << 20, 80, 40, "datasheet")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import autobatch
 from autobatch.errors import NoBatchFitsError, PredictionError, UsageTypeError, UsageValueError
-from autobatch.memory.cards import CARDS
+from autobatch.memory.cards import CARDS, Card
 from autobatch.options import Options
 from autobatch.probing.fake import fake_session
 from autobatch.probing.prober import Prober
@@ -223,6 +223,13 @@ def test_a_prediction_for_a_card_holds_its_budget_workspaces_and_kernels() -> No
         NoBatchFitsError, match=r"fits on a T4 \(16.00 MiB for .* Try memory_limit='24.00 MiB' or"
     ):
         autobatch.predict(model, data, gpu="T4", memory_limit="16MiB")  # less than the workspaces
+
+
+def test_a_card_the_table_lacks_is_given_as_a_card() -> None:
+    v100 = Card("V100-32GB", 34_089_730_048, 70, 80, "measured on our V100", context_bytes=300 * MiB)
+    result = autobatch.predict(mlp_case().model, mlp_case().data, gpu=v100, max_batch=64)
+    assert (result.gpu, result.kernels, result.budget_bytes) == ("V100-32GB", "cuda:7.0", v100.budget)
+    assert "300.00 MiB of it outside the caching allocator (as given)" in result.prediction_notes[0]
 
 
 def test_cuda_s_kernels_make_room_that_the_host_s_would_not() -> None:
