@@ -62,7 +62,7 @@ def test_cards_are_found_by_the_name_cuda_reports_and_by_alias() -> None:
 
 
 def test_an_unknown_card_names_the_known_ones_and_the_way_out() -> None:
-    with pytest.raises(UsageValueError, match=r"one of T4, L4, .* but got 'V100'.* memory.cards.Card"):
+    with pytest.raises(UsageValueError, match=r"one of T4, L4, .* but got 'V100'.*memory.cards.Card"):
         card("V100")
     with pytest.raises(UsageValueError, match="Expected `gpu`"):
         card(80)  # type: ignore[arg-type]
