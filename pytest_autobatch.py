@@ -6,6 +6,11 @@ Installing autobatch enables it (``-p no:autobatch`` turns it off). It adds:
   try_batch, assert_fits and assert_trains in it that passes no ``memory_limit`` uses the limit (the CPU
   emulates a device of that size); on a CUDA machine the caching allocator of the current device is also
   capped to it for the whole test. Both are restored after the test, failed or not.
+* ``@pytest.mark.memory_limit(gpu="T4")``: the same, as on that card: the limit is what its caching
+  allocator may reserve (its memory less the CUDA context; a limit given too caps it further).
+* ``predict=True`` in either: ``assert_fits`` predicts (:func:`autobatch.predict`, for the card's kernels
+  with ``gpu=``) instead of running the steps, so a CPU-only runner checks a realistic model against a
+  real card in seconds.
 * the ``memory_limit`` fixture: the marked test's :class:`~autobatch.testing.DeviceLimit`.
 * ``@pytest.mark.gpu``: the test is skipped where CUDA is not available.
 
@@ -33,8 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the ``memory_limit`` and ``gpu`` markers."""
     config.addinivalue_line(
         "markers",
-        "memory_limit(limit): run the test as on a device of `limit` (bytes or e.g. '4GiB'): the CUDA "
-        "allocator capped on a GPU, autobatch's emulated device on the CPU (autobatch.testing)",
+        "memory_limit(limit, *, gpu=None, predict=False): run the test as on a device of `limit` (bytes or "
+        "e.g. '4GiB') or as on the card `gpu` ('T4', 'A100-80GB', ...): the CUDA allocator capped on a GPU, "
+        "autobatch's emulated device on the CPU; predict=True: assert_fits predicts (autobatch.testing)",
     )
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (autobatch.testing)")
 
@@ -51,23 +57,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
-def _marker_limit(marker: pytest.Mark) -> int:
-    values = [*marker.args, *marker.kwargs.values()]
-    if len(values) != 1 or values[0] is None or set(marker.kwargs) - {"limit"}:
-        given = ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
+def _given(marker: pytest.Mark) -> str:
+    return ", ".join([*map(repr, marker.args), *(f"{k}={v!r}" for k, v in marker.kwargs.items())])
+
+
+def _marker_device(marker: pytest.Mark) -> tuple[int, str | None, bool]:
+    """The marker's limit in bytes, its card (``None``: none) and whether assertions predict."""
+    kwargs = dict(marker.kwargs)
+    predict, gpu = kwargs.pop("predict", False), kwargs.pop("gpu", None)
+    values = [*marker.args, *kwargs.values()]
+    if (
+        set(kwargs) - {"limit"}
+        or len(values) > 1
+        or (gpu is None and (len(values) != 1 or values[0] is None))
+    ):
         pytest.fail(
             "Expected `@pytest.mark.memory_limit` to take one limit, e.g. @pytest.mark.memory_limit('4GiB'), "
-            f"but got memory_limit({given}).",
+            f"or a card, e.g. @pytest.mark.memory_limit(gpu='T4'), but got memory_limit({_given(marker)}).",
             pytrace=False,
         )
+    if not isinstance(predict, bool):
+        pytest.fail(
+            f"Expected `predict` of `@pytest.mark.memory_limit` to be True or False, but got {predict!r}.",
+            pytrace=False,
+        )
+    from autobatch.memory.cards import card
     from autobatch.units import parse_memory_limit
 
     try:
-        nbytes = parse_memory_limit(values[0], name="@pytest.mark.memory_limit")
+        nbytes = parse_memory_limit(values[0], name="@pytest.mark.memory_limit") if values else None
+        found = card(gpu) if gpu is not None else None
     except (TypeError, ValueError) as exc:
         pytest.fail(str(exc), pytrace=False)
-    assert nbytes is not None  # values[0] is not None
-    return nbytes
+    if found is not None:
+        nbytes = found.budget if nbytes is None else min(nbytes, found.budget)
+    assert nbytes is not None  # a limit, or a card's budget
+    return nbytes, found.name if found is not None else None, predict
 
 
 @pytest.fixture(autouse=True)
@@ -77,18 +102,20 @@ def _autobatch_memory_limit(request: pytest.FixtureRequest) -> Iterator[DeviceLi
     if marker is None:
         yield None
         return
-    limit = _marker_limit(marker)
+    limit, gpu, predict = _marker_device(marker)
 
     from autobatch.memory.device import DeviceMemory, memory_limit_scope
     from autobatch.session import check_device_available, default_device
-    from autobatch.testing import DeviceLimit
+    from autobatch.testing import DeviceLimit, device_scope
 
     # On CUDA the whole test body runs under the allocator cap (restored after, as DeviceMemory does).
     device = check_device_available(default_device(), "default")
+    scoped = DeviceLimit.on(limit, device, gpu=gpu, predict=predict)
     with contextlib.ExitStack() as stack:
         stack.enter_context(memory_limit_scope(limit))
+        stack.enter_context(device_scope(scoped))
         stack.enter_context(DeviceMemory(device, limit).capped())
-        yield DeviceLimit.on(limit, device)
+        yield scoped
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from autobatch.errors import (
     NonFiniteLossError,
     OptimizerStepError,
     PeerError,
+    PredictionError,
     UsageError,
     UsageTypeError,
     UsageValueError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from autobatch.memory.device import memory_limit_scope
     from autobatch.memory.oom import is_oom, release_memory
     from autobatch.planner import Plan, plan, uniform_plan
+    from autobatch.probing.prediction import predict
     from autobatch.probing.search import Trial
     from autobatch.result import Backoff, EvalReport, FitResult, ProbeResult
     from autobatch.training.trainstep import StepReport, TrainStep
@@ -48,6 +50,7 @@ _LAZY = {
     "Plan": "autobatch.planner",
     "plan": "autobatch.planner",
     "uniform_plan": "autobatch.planner",
+    "predict": "autobatch.probing.prediction",
     "Backoff": "autobatch.result",
     "EvalReport": "autobatch.result",
     "FitResult": "autobatch.result",
@@ -68,6 +71,7 @@ __all__ = [
     "OptimizerStepError",
     "PeerError",
     "Plan",
+    "PredictionError",
     "ProbeResult",
     "StepReport",
     "TrainStep",
@@ -82,6 +86,7 @@ __all__ = [
     "memory_limit_scope",
     "parse_memory_limit",
     "plan",
+    "predict",
     "probe",
     "release_memory",
     "try_batch",

@@ -7,7 +7,8 @@ Two families:
   ``TypeError``, so ``except ValueError`` keeps working; the command line maps them to exit code 2 by type.
 * **Run-time verdicts** (:class:`AutobatchError`): the job cannot go on, for a reason that is not a bug in
   the call itself: nothing fits, an optimizer step ran out of memory half-way, training diverged, the
-  evaluation after an epoch failed (the trained result is on the error), or another rank failed.
+  evaluation after an epoch failed (the trained result is on the error), another rank failed, or a
+  prediction needs what this host cannot give it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerStepError",
     "PeerError",
+    "PredictionError",
     "UsageError",
     "UsageTypeError",
     "UsageValueError",
@@ -136,3 +138,9 @@ class PeerError(AutobatchError):
         super().__init__(message)
         self.ranks = ranks
         self.messages = messages
+
+
+class PredictionError(AutobatchError):
+    """:func:`autobatch.predict` cannot answer on this host: the step needs real values (control flow on
+    activations) and tracing it on real tensors, or the probe it falls back to, needs more host memory than
+    there is. The message says why, naming the user's line, and what to do instead."""

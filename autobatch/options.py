@@ -4,8 +4,8 @@ An option is one field of a frozen dataclass, declared with :func:`option`: its 
 text, its command-line flag (if it has one) and whether it changes the memory a training step takes (then
 it is part of the probe cache's key). From these fields come, with no hand-kept copy anywhere:
 
-* the keyword signatures of :func:`autobatch.fit`, :func:`autobatch.probe` and :func:`autobatch.try_batch`
-  (:func:`entry_point` writes them, and the options part of their docstrings);
+* the keyword signatures of :func:`autobatch.fit`, :func:`autobatch.probe`, :func:`autobatch.try_batch` and
+  :func:`autobatch.predict` (:func:`entry_point` writes them, and the options part of their docstrings);
 * the checks, run once when the objects are built, before anything is touched;
 * the command line's flags and their help (:mod:`autobatch.cli.parser`), the test kit's pass-through of
   options, the probe cache's key (:mod:`autobatch.cache.fingerprint`) and the README's options table
@@ -53,6 +53,7 @@ __all__ = [
     "EvalOptions",
     "MemoryOptions",
     "Options",
+    "PredictOptions",
     "ProbeOptions",
     "StepOptions",
     "TrainOptions",
@@ -145,6 +146,14 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 def _check_memory_limit(value: Any, name: str) -> int | None:
     return parse_memory_limit(value, name=name)
+
+
+def _check_gpu(value: Any, name: str) -> Any:
+    """``None``, a card of :mod:`autobatch.memory.cards` by any name it knows (as the table names it), or a
+    :class:`~autobatch.memory.cards.Card` of the user's."""
+    from autobatch.memory.cards import Card, card  # imports no torch
+
+    return value if value is None or isinstance(value, Card) else card(value).name
 
 
 def _check_instance(kind: str, path: str) -> Callable[[Any, str], Any]:
@@ -406,6 +415,20 @@ class EvalOptions(_Group):
     )
 
 
+@dataclass(frozen=True)
+class PredictOptions(_Group):
+    """The GPU :func:`autobatch.predict` answers for."""
+
+    gpu: Any = option(
+        None,
+        _check_gpu,
+        "the card to predict for, e.g. 'T4', 'A100-80GB', 'H100', or a Card (its memory less the CUDA "
+        "context is the caching allocator's budget; CUDA's kernels are modelled)",
+        keyed=False,
+        cli=Cli("--gpu", metavar="NAME"),
+    )
+
+
 GROUPS: dict[str, type[_Group]] = {
     "step": StepOptions,
     "memory": MemoryOptions,
@@ -413,6 +436,7 @@ GROUPS: dict[str, type[_Group]] = {
     "cache": CacheOptions,
     "train": TrainOptions,
     "eval": EvalOptions,
+    "predict": PredictOptions,
 }
 
 ENTRY_POINTS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
@@ -479,6 +503,8 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
             }
         ),
     ),
+    # a prediction: the card (or a limit) instead of a device; nothing of the user's is stepped or cached
+    "predict": (("step", "memory", "probe", "predict"), frozenset({"device", "scaler", "on_trial"})),
 }
 
 COLUMNS = {
@@ -486,6 +512,7 @@ COLUMNS = {
     "probe": "probe",
     "try_batch": "try_batch",
     "TrainStep": "TrainStep",
+    "predict": "predict",
     "AutoBatchTrainer": "HF",
     "AutoBatch": "Lightning",
 }
@@ -512,11 +539,12 @@ class Options:
     cache: CacheOptions
     train: TrainOptions
     eval: EvalOptions
+    predict: PredictOptions
     given: frozenset[str]
 
     @classmethod
     def parse(cls, entry: str, kwargs: Mapping[str, Any]) -> Options:
-        """Check ``kwargs`` as the options of ``entry`` (``"fit"``, ``"probe"``, ``"try_batch"``).
+        """Check ``kwargs`` as the options of ``entry`` (``"fit"``, ``"probe"``, ``"try_batch"``, ...).
 
         Raises:
             UsageTypeError: an unknown option (with the nearest known name), or a value of the wrong type.
@@ -558,6 +586,12 @@ class Options:
                     f"Expected `eval_data` with {', '.join(f'`{n}`' for n in clash)}, but got no eval_data: "
                     "they only apply to evaluation."
                 )
+        if self.predict.gpu is not None and self.memory.emulation == "ideal":
+            raise UsageValueError(
+                f"Expected no `emulation='ideal'` with `gpu={self.predict.gpu!r}`: a GPU's memory is held by "
+                "CUDA's caching allocator, which a prediction for a card always models. Drop emulation, or "
+                "pass memory_limit= alone to predict for an ideal device."
+            )
         if self.eval.predict_fn is not None and self.eval.eval_task != "auto":
             raise UsageValueError(
                 f"Expected one of `predict_fn` and `eval_task={self.eval.eval_task!r}`, but got both: "

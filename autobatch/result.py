@@ -64,6 +64,14 @@ class ProbeResult:
         expandable_batch: the largest micro-batch that would survive with
             ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (``None`` when it is on already, or where
             the limit caps live bytes).
+        predicted: the answer of :func:`autobatch.predict`: the steps ran on fake tensors (their trials
+            too), nothing at full size; the probe cache never serves a predicted result.
+        gpu: the card it was predicted for (``None``: a device of ``memory_limit``).
+        budget_bytes: what the caching allocator may reserve, that the answer holds under: the card's
+            memory less the CUDA context (or ``memory_limit``).
+        kernels: the kernels the steps modelled: ``"cuda"`` with the card's compute capability, or
+            ``"host"`` (this machine's, as ``probe`` on an emulated device runs them).
+        prediction_notes: what the prediction assumed, modelled, left out or fell back to, one line each.
     """
 
     micro_batch: int
@@ -94,6 +102,11 @@ class ProbeResult:
     alloc_conf: str | None = None
     expandable_batch: int | None = None
     optimizer: str | None = None
+    predicted: bool = False
+    gpu: str | None = None
+    budget_bytes: int | None = None
+    kernels: str | None = None
+    prediction_notes: list[str] = field(default_factory=list)
 
     def to_config(self, tool: str, target_batch: int, world_size: int = 1) -> TrainerConfig:
         """This micro-batch as the settings of another trainer (``"hf"``, ``"lightning"``, ``"deepspeed"``,
@@ -157,9 +170,10 @@ class ProbeResult:
             why = f"{self.first_failure} does not fit"
         return (
             f"micro-batch {self.micro_batch} (largest fitting {self.max_fitting_batch}, {why}) on "
-            f"{self.device} in {self.precision}, {self.optimizer_steps} steps, {self.ooms} OOM"
+            f"{self.gpu or self.device} in {self.precision}, {self.optimizer_steps} steps, {self.ooms} OOM"
             + ("s" if self.ooms != 1 else "")
             + (self._cached_note() if self.cached else "")
+            + (" (predicted)" if self.predicted else "")
         )
 
     def model_state(self) -> str:
@@ -208,9 +222,11 @@ class ProbeResult:
         from rich.table import Table
         from rich.text import Text
 
-        title = f"autobatch probe: micro-batch {self.micro_batch}" + (
+        title = f"autobatch {'predict' if self.predicted else 'probe'}: micro-batch {self.micro_batch}" + (
             self._cached_note() if self.cached else ""
         )
+        if self.predicted:
+            title += f" on {self.gpu or 'an emulated device'} (predicted)"
         table = Table()
         table.add_column("batch", justify="right")
         table.add_column("fits")
@@ -237,12 +253,19 @@ class ProbeResult:
             lines.append(
                 "cold: a first step from a cold start, steady: a step at steady state (their memory "
                 "timelines predict the answer); the others: the step that decides whether training survives"
+                if not self.predicted
+                else "cold: a first step from a cold start, steady: a step at steady state, on fake tensors "
+                "(their memory timelines, replayed, give the answer)"
             )
         if self.bytes_per_sample is not None:
             lines.append(
                 f"memory model: {_bytes(self.fixed_bytes)} + {_bytes(self.bytes_per_sample)} × batch"
             )
         lines.extend(self.survival_notes())
+        if self.predicted:
+            budget = _bytes(self.budget_bytes)
+            lines.append(f"predicted with {self.kernels} kernels · the caching allocator's budget: {budget}")
+            lines.extend(self.prediction_notes)
         if self.margin or self.multiple_of > 1:
             lines.append(f"margin {self.margin:.0%}, multiple of {self.multiple_of}")
         # The title too: as a table title it would wrap to the table's width.
@@ -351,6 +374,11 @@ _RESULT_FIELDS = {
     "alloc_conf": "str or None",
     "expandable_batch": "positive int or None",
     "optimizer": "str or None",
+    "predicted": "bool",
+    "gpu": "str or None",
+    "budget_bytes": "positive int or None",
+    "kernels": "str or None",
+    "prediction_notes": "str list",
 }
 _TRIAL_FIELDS = {
     "batch": "positive int",
@@ -391,6 +419,9 @@ def _check_field(name: str, value: Any, kind: str) -> None:
     elif base == "str":
         if not isinstance(value, str):
             raise TypeError(f"Expected `{name}` to be a str, but got {type(value).__name__}.")
+    elif base == "str list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"Expected `{name}` to be a list of str, but got {value!r}.")
     elif base == "precision":
         if value not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"Expected `{name}` to be 'fp16', 'bf16' or 'fp32', but got {value!r}.")

@@ -93,7 +93,8 @@ class Session:
         with cpu_threads(self.options.memory.cpu_threads, self.device) as threads:
             self.cpu_threads = threads
             try:
-                self.group = distributed.setup(self.device)
+                # A prediction is host work on fake copies: each rank predicts alone, with no group.
+                self.group = None if self.options.entry == "predict" else distributed.setup(self.device)
                 if self.group is not None:
                     self._check_ranks_agree()
                 if fit:
@@ -266,7 +267,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _check_model(model: Any) -> tuple[nn.Module, Any]:
+def _check_model(model: Any, entry: str) -> tuple[nn.Module, Any]:
     if not isinstance(model, nn.Module):
         raise UsageTypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     module, ddp = distributed.unwrap(model)
@@ -280,7 +281,8 @@ def _check_model(model: Any) -> tuple[nn.Module, Any]:
             "it trains on: model(sample), e.g. model(X[:2]) for tensors (X, y); then build its optimizer, "
             "as torch documents for lazy modules."
         )
-    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+    # A prediction copies the model as shapes alone: weights on the meta device do.
+    if entry != "predict" and any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         raise UsageValueError(
             f"Expected `model` to hold its weights, but {type(module).__name__} has parameters on the meta "
             "device. Materialise it first, e.g. model.to_empty(device='cpu') then load or initialise them."
@@ -308,7 +310,10 @@ def _check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def _target_device(options: Options, module: nn.Module) -> torch.device:
-    """fit: the given device, else this rank's GPU, else the default; probe: the given one or the model's."""
+    """fit: the given device, else this rank's GPU, else the default; probe: the given one or the model's;
+    predict: the CPU (fake copies of the model, wherever it lives)."""
+    if options.entry == "predict":
+        return torch.device("cpu")
     given = options.memory.device
     here = _model_device(module)
     if options.entry == "fit":
@@ -336,7 +341,7 @@ def resolve_model(
         The module (unwrapped from a user's DDP), the DDP wrapper (or ``None``), the device, the resolved
         precision and the memory limit in bytes (``None``: none).
     """
-    module, ddp = _check_model(model)
+    module, ddp = _check_model(model, options.entry)
     device = _target_device(options, module)
     precision = resolve_precision(options.step.precision, device)
     _check_optimizer(module, optimizer)

@@ -2,14 +2,18 @@
 
 They fail with plain ``AssertionError`` messages that give the numbers (peak against limit, the largest
 batch that fits), so they work in any test runner. With pytest, autobatch's plugin
-(the ``pytest_autobatch`` module) adds ``@pytest.mark.memory_limit("4GiB")``, whose limit they use when
-given none, the ``memory_limit`` fixture (a :class:`DeviceLimit`) and a ``gpu`` marker.
+(the ``pytest_autobatch`` module) adds ``@pytest.mark.memory_limit("4GiB")`` (or ``(gpu="T4")``, and
+``predict=True``), whose device they use when given none, the ``memory_limit`` fixture (a
+:class:`DeviceLimit`) and a ``gpu`` marker. ``assert_fits(..., predict=True)`` answers from
+:func:`autobatch.predict` instead of running the steps: a CPU-only runner checks a real card in seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +22,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import autobatch
-from autobatch.errors import UsageTypeError
+from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.memory.device import resolve_memory_limit
 from autobatch.options import Options
 from autobatch.session import resolve
@@ -26,7 +30,7 @@ from autobatch.step.data import DataSource, as_source
 from autobatch.units import format_bytes
 from autobatch.validate import check_positive_int
 
-__all__ = ["DeviceLimit", "assert_fits", "assert_trains"]
+__all__ = ["DeviceLimit", "assert_fits", "assert_trains", "device_scope"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,12 @@ class DeviceLimit:
     """The device a ``memory_limit``-marked test runs as.
 
     Attributes:
-        limit: the limit in bytes.
+        limit: the limit in bytes (with ``gpu``: what the card's caching allocator may reserve).
         device: the device autobatch trains on by default in the test.
         emulated: ``True`` where autobatch emulates the device (the CPU), ``False`` where CUDA's caching
             allocator is capped.
+        gpu: the card the test runs as (``None``: a device of ``limit``).
+        predict: whether :func:`assert_fits` predicts rather than runs the steps.
 
     Example:
         >>> str(DeviceLimit(4 * 2**30, torch.device("cpu"), emulated=True))
@@ -47,18 +53,44 @@ class DeviceLimit:
     limit: int
     device: torch.device
     emulated: bool
+    gpu: str | None = None
+    predict: bool = False
 
     def __str__(self) -> str:
         return self._describe()
 
     def _describe(self, precision: str | None = None) -> str:
+        if self.predict:
+            where = f"a {self.gpu}'s caching allocator" if self.gpu else "an emulated device"
+            return f"{format_bytes(self.limit)} of {where} (predicted" + (
+                f", {precision})" if precision else ")"
+            )
         how = "emulated on" if self.emulated else "allocator cap on"
-        return f"{format_bytes(self.limit)} ({how} {self.device}" + (f", {precision})" if precision else ")")
+        card = f"a {self.gpu}: " if self.gpu else ""
+        return f"{card}{format_bytes(self.limit)} ({how} {self.device}" + (
+            f", {precision})" if precision else ")"
+        )
 
     @classmethod
-    def on(cls, limit: int, device: torch.device) -> DeviceLimit:
+    def on(
+        cls, limit: int, device: torch.device, *, gpu: str | None = None, predict: bool = False
+    ) -> DeviceLimit:
         """The limit on ``device``: emulated everywhere but on CUDA, whose allocator is capped."""
-        return cls(limit, device, emulated=device.type != "cuda")
+        return cls(limit, device, emulated=device.type != "cuda", gpu=gpu, predict=predict)
+
+
+_SCOPE: ContextVar[DeviceLimit | None] = ContextVar("autobatch_device_limit", default=None)
+
+
+@contextlib.contextmanager
+def device_scope(device: DeviceLimit) -> Iterator[DeviceLimit]:
+    """Inside the block, :func:`assert_fits` predicts when ``device.predict`` is set, for ``device.gpu``
+    (the pytest plugin's marker enters it; scopes nest, the innermost wins)."""
+    token = _SCOPE.set(device)
+    try:
+        yield device
+    finally:
+        _SCOPE.reset(token)
 
 
 # -- assertions ------------------------------------------------------------------------------------
@@ -109,6 +141,8 @@ def assert_fits(
     optimizer: torch.optim.Optimizer | None = None,
     precision: str = "auto",
     steps: int | None = None,
+    predict: bool | None = None,
+    gpu: str | None = None,
     **options: Any,
 ) -> autobatch.Trial:
     """Assert that training at ``batch_size`` survives in ``memory_limit``, as the probe defines it: from a
@@ -123,9 +157,14 @@ def assert_fits(
         optimizer, precision, options: as for :func:`autobatch.try_batch` (``loss_fn``, ``step_fn``, …).
         steps: also run this many consecutive steps from a cold start for real (see
             :func:`autobatch.try_batch`).
+        predict: answer from :func:`autobatch.predict` (fake tensors: nothing at full size runs) instead;
+            then every micro-batch up to ``batch_size`` must survive, as a plan's varying ones need.
+            Default: the test's marker's ``predict``, else ``False``.
+        gpu: with ``predict``, the card to predict for (``"T4"``, ``"A100-80GB"``, ...); default: the
+            marker's.
 
     Returns:
-        The :class:`autobatch.Trial` (``.peak_bytes`` is the measured peak).
+        The :class:`autobatch.Trial` (``.peak_bytes`` is the measured peak; predicted, the replayed one).
 
     Raises:
         AssertionError: the steps ran out of memory; the message gives the estimated peak against the
@@ -143,6 +182,22 @@ def assert_fits(
     check_positive_int(batch_size, "batch_size")
     if steps is not None:
         check_positive_int(steps, "steps")
+    scope = _SCOPE.get()
+    predict = (scope is not None and scope.predict) if predict is None else predict
+    if predict:
+        if steps is not None:
+            raise UsageValueError(
+                "Expected no `steps` with `predict=True`: a prediction replays consecutive steps until the "
+                "allocator's state repeats, and runs none for real. Drop steps, or pass predict=False."
+            )
+        gpu = gpu if gpu is not None else (scope.gpu if scope is not None else None)
+        options = {"optimizer": optimizer, "precision": precision, "gpu": gpu, **options}
+        return _predicted_fit(model, sample, batch_size, memory_limit, options)
+    if gpu is not None:
+        raise UsageValueError(
+            f"Expected `predict=True` with `gpu={gpu!r}`: the card is what a prediction is made for; this "
+            "machine runs the steps on its own device otherwise."
+        )
     data = _repeat(sample, batch_size)
     limit = resolve_memory_limit(memory_limit)
     if limit is None:
@@ -175,6 +230,40 @@ def assert_fits(
     elif result.decided_by is not None:
         fits += f", decided by {result.decided_by}"
     raise AssertionError(f"batch {batch_size} does not fit in {where}: {peak}; {fits}")
+
+
+def _predicted_fit(
+    model: nn.Module, sample: Any, batch_size: int, memory_limit: int | str | None, options: dict[str, Any]
+) -> autobatch.Trial:
+    """:func:`assert_fits` from a prediction: every micro-batch up to ``batch_size`` survives."""
+    __tracebackhide__ = True
+    data = _repeat(sample, max(batch_size, 4))  # the traced steps need a few samples
+    if options["gpu"] is None and resolve_memory_limit(memory_limit) is None:
+        raise UsageTypeError(
+            "assert_fits(predict=True) needs a card or a memory limit: pass gpu='T4' or memory_limit='4GiB', "
+            "or mark the test with @pytest.mark.memory_limit(gpu='T4', predict=True)."
+        )
+    try:
+        result = autobatch.predict(model, data, memory_limit=memory_limit, max_batch=batch_size, **options)
+    except autobatch.NoBatchFitsError as exc:
+        raise AssertionError(f"batch {batch_size} does not fit (predicted): {exc}") from None
+    where = DeviceLimit(
+        result.budget_bytes or 0, torch.device(result.device), emulated=result.gpu is None, gpu=result.gpu,
+        predict=True,
+    )._describe(result.precision)  # fmt: skip
+    best = result.max_fitting_batch
+    if best < batch_size:
+        decided = f", decided by {result.decided_by}" if result.decided_by else ""
+        raise AssertionError(
+            f"batch {batch_size} does not fit in {where}: largest batch that fits: {best}{decided}"
+        )
+    peak = None
+    if (
+        result.fixed_bytes is not None and result.bytes_per_sample is not None
+    ):  # the replay's line: exact here
+        peak = round(result.fixed_bytes + result.bytes_per_sample * batch_size)
+    reserved = peak if result.alloc_conf is not None else None
+    return autobatch.Trial(batch_size, True, peak, result.seconds, None, reserved)
 
 
 def _where(entry: str, model: nn.Module, data: Any, options: dict[str, Any], limit: int) -> str:

@@ -30,6 +30,7 @@ ENTRIES = {
     "probe": "autobatch:probe",
     "try_batch": "autobatch:try_batch",
     "TrainStep": "autobatch:TrainStep",
+    "predict": "autobatch:predict",
     "AutoBatchTrainer": "autobatch.integrations.transformers:AutoBatchTrainer",
     "AutoBatch": "autobatch.integrations.lightning:AutoBatch",
 }
@@ -55,6 +56,7 @@ def own_parameters(name: str) -> set[str]:
         "probe": {"model", "data"},
         "try_batch": {"model", "data", "batch_size", "steps"},
         "TrainStep": {"model", "optimizer"},
+        "predict": {"model", "data"},
         "AutoBatch": {"target_batch", "batch_arg_name"},
     }[name]
 

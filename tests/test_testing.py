@@ -61,7 +61,7 @@ def run_inner(pytester: pytest.Pytester, body: str, *args: str) -> pytest.RunRes
 def test_plugin_is_loaded_through_the_entry_point(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.has_plugin("autobatch")
     markers = pytestconfig.getini("markers")
-    assert any(m.startswith("memory_limit(limit)") for m in markers)
+    assert any(m.startswith("memory_limit(limit, *, gpu=None, predict=False)") for m in markers)
 
 
 def test_marker_fits_fails_and_restores(pytester: pytest.Pytester) -> None:
@@ -305,6 +305,67 @@ def test_assert_trains_bad_arguments(kwargs: dict[str, Any], error: type[Excepti
     arguments: dict[str, Any] = {"target_batch": 32, "memory_limit": LIMIT, **kwargs}
     with pytest.raises(error, match=match):
         assert_trains(mlp(), xy(), arguments.pop("target_batch"), **arguments)
+
+
+# -- predicted ---------------------------------------------------------------------------------------
+
+
+def test_a_card_marker_predicts_on_the_cpu(pytester: pytest.Pytester) -> None:
+    from autobatch.memory.cards import CARDS
+
+    body = f"""
+@pytest.mark.memory_limit(gpu="T4", predict=True)
+def test_fits_a_t4(memory_limit):
+    assert (memory_limit.gpu, memory_limit.predict, memory_limit.limit) == ("T4", True, {CARDS["T4"].budget})
+    trial = assert_fits(mlp(), SAMPLE, 4096)  # predicted in fp16 for the T4's kernels: no step at 4096 ran
+    assert trial.fitted and 0 < trial.peak_bytes < memory_limit.limit
+
+@pytest.mark.memory_limit("64MiB", gpu="t4", predict=True)  # a card shared: its allocator capped further
+def test_too_big_for_a_share_of_the_card(memory_limit):
+    assert memory_limit.limit == 64 * 2**20
+    assert_fits(mlp(), SAMPLE, 10**6)
+
+@pytest.mark.memory_limit("{LIMIT}", predict=True)
+def test_a_limit_predicted_is_the_probes_answer():
+    assert_fits(mlp(), SAMPLE, {FITS}, precision="fp32")
+    assert_fits(mlp(), SAMPLE, {TOO_BIG}, precision="fp32")
+"""
+    result = run_inner(pytester, body)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: batch 1000000 does not fit in 64.00 MiB of a T4's caching allocator "
+            "(predicted, fp16): largest batch that fits: *, decided by step * from a *",
+            f"*AssertionError: batch {TOO_BIG} does not fit in 64.00 KiB of an emulated device (predicted, "
+            f"fp32): largest batch that fits: {LARGEST}*",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ('gpu="V100"', "*Expected `gpu` to be one of T4, *but got 'V100'*"),
+        ('"1GiB", predict="yes"', "*Expected `predict` of `@pytest.mark.memory_limit` to be True or False*"),
+        (
+            '"1GiB", "2GiB", gpu="T4"',
+            "*to take one limit*or a card*but got memory_limit('1GiB', '2GiB', gpu='T4')*",
+        ),
+    ],
+)
+def test_bad_card_markers_error_clearly(pytester: pytest.Pytester, marker: str, message: str) -> None:
+    result = run_inner(pytester, f"\n@pytest.mark.memory_limit({marker})\ndef test_bad():\n    pass\n")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([message])
+
+
+def test_assert_fits_predicted_needs_a_card_or_a_limit_and_no_steps() -> None:
+    with pytest.raises(TypeError, match=r"assert_fits\(predict=True\) needs a card or a memory limit"):
+        assert_fits(mlp(), sample(), 8, predict=True)
+    with pytest.raises(ValueError, match=r"no `steps` with `predict=True`"):
+        assert_fits(mlp(), sample(), 8, predict=True, gpu="T4", steps=3)
+    with pytest.raises(ValueError, match=r"`predict=True` with `gpu='T4'`"):
+        assert_fits(mlp(), sample(), 8, memory_limit=LIMIT, gpu="T4")
 
 
 # -- DeviceLimit and the docs ----------------------------------------------------------------------

@@ -164,6 +164,8 @@ class ProbeCache:
                 raise TypeError("`key` or `fingerprint` has the wrong type")
             _when(data["created"])
             result = ProbeResult.from_dict(data["result"])
+            if result.predicted:  # only put() writes here, and it refuses predictions: not autobatch's file
+                raise ValueError("a predicted result, where the cache holds measured ones")
             size = data["fingerprint"].get("dataset_size")
             if isinstance(size, int) and not isinstance(size, bool) and result.max_fitting_batch > size:
                 raise ValueError(f"a largest fitting batch of {result.max_fitting_batch} in {size} samples")
@@ -204,6 +206,11 @@ class ProbeCache:
         """Store ``result`` (as uncached) for ``key`` atomically; the path, or ``None`` if it could not."""
         if not isinstance(result, ProbeResult):
             raise UsageTypeError(f"Expected `result` to be a ProbeResult, but got {type(result).__name__}.")
+        if result.predicted:
+            raise UsageValueError(
+                "Expected a probed result, but got a predicted one: the cache serves what was measured on "
+                "the setup, and a prediction ran on fake tensors (for another card, maybe)."
+            )
         path = self.path_for(key)
         payload = {
             "format": CACHE_FORMAT,

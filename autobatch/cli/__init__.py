@@ -1,11 +1,11 @@
-"""The command line: ``autobatch probe MODEL``, ``autobatch demo`` and ``autobatch cache`` (also
-``python -m autobatch``).
+"""The command line: ``autobatch probe MODEL``, ``autobatch predict MODEL``, ``autobatch demo`` and
+``autobatch cache`` (also ``python -m autobatch``).
 
 A thin front over the public API, one module per command (:mod:`autobatch.cli.probe`,
-:mod:`autobatch.cli.demo`, :mod:`autobatch.cli.cache`), each imported only when it runs: ``--help``,
-``--version`` and ``cache`` never import torch. With ``--json`` (or a ``--format`` export) stdout carries
-exactly one JSON object in every outcome (:class:`~autobatch.cli.io.Streams`), whatever the user's code
-prints, raises or exits with.
+:mod:`autobatch.cli.predict`, :mod:`autobatch.cli.demo`, :mod:`autobatch.cli.cache`), each imported only when
+it runs: ``--help``, ``--version`` and ``cache`` never import torch. With ``--json`` (or a ``--format``
+export) stdout carries exactly one JSON object in every outcome (:class:`~autobatch.cli.io.Streams`),
+whatever the user's code prints, raises or exits with.
 
 Run as a program (the ``autobatch`` script, ``python -m autobatch``: :func:`main` without arguments), the
 command owns the process until it exits: in machine mode fd 1 points at stderr from the start of the command,
@@ -57,7 +57,12 @@ JSON_SCHEMA_VERSION = 2
 """Version of the ``--json`` object's layout; bumped on any incompatible change (2: ``optimizer_steps``,
 ``plan.chunk_sizes``, ``verified``)."""
 
-_COMMANDS = {"probe": "autobatch.cli.probe", "demo": "autobatch.cli.demo", "cache": "autobatch.cli.cache"}
+_COMMANDS = {
+    "probe": "autobatch.cli.probe",
+    "predict": "autobatch.cli.predict",
+    "demo": "autobatch.cli.demo",
+    "cache": "autobatch.cli.cache",
+}
 
 
 def error_payload(code: int, kind: str, message: str, exc: BaseException | None = None) -> dict[str, Any]:

@@ -37,6 +37,8 @@ examples:
   autobatch probe mypkg.lm:make_model --seq-len 512 --vocab 32000 --format hf --target-batch 64
   autobatch probe torchvision.models:resnet18 --input-shape 3,224,224 --num-classes 1000 \\
       --memory-limit 8GiB --target-batch 256              # needs torchvision
+  autobatch predict mypkg.lm:make_model --seq-len 512 --vocab 32000 --gpu A100-80GB \\
+      --min-batch 16 --json                               # for a card this machine does not have
   autobatch demo
   autobatch cache show                                  # cached probe results
 exit codes: 0 ok · 1 unexpected error · 2 usage or spec error · 3 nothing fits or below --min-batch ·
@@ -136,11 +138,27 @@ def _verbose_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _probe_parser(sub: Any) -> None:
+_MEASURES = {
+    "probe": (
+        "probe the largest micro-batch of a model",
+        "Run the real training step at growing batch sizes and report the largest that fits.",
+    ),
+    "predict": (
+        "predict the largest micro-batch of a model on a GPU this machine does not have",
+        "Trace two small training steps on fake tensors (nothing at full size is allocated), under the "
+        "card's CUDA kernels, and replay training through a model of its caching allocator: the largest "
+        "micro-batch that survives on --gpu NAME (or an emulated device of --memory-limit SIZE).",
+    ),
+}
+
+
+def _measure_parser(sub: Any, command: str) -> None:
+    """``probe`` and ``predict``: the same model, data, step and result flags; each its device flags."""
+    help_text, description = _MEASURES[command]
     p = sub.add_parser(
-        "probe",
-        help="probe the largest micro-batch of a model",
-        description="Run the real training step at growing batch sizes and report the largest that fits.",
+        command,
+        help=help_text,
+        description=description,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -162,10 +180,12 @@ def _probe_parser(sub: Any) -> None:
         "step": p.add_argument_group("training step"),
         "memory": p.add_argument_group("device"),
         "probe": p.add_argument_group("result"),
-        "cache": p.add_argument_group("probe cache"),
     }
+    if "cache" in ENTRY_POINTS[command][0]:
+        groups["cache"] = p.add_argument_group("probe cache")
+    groups["predict"] = groups["memory"]  # --gpu is the device a prediction is for
     groups["step"].add_argument("--optimizer", choices=["adamw", "adam", "sgd"], help="(default: adamw)")
-    for f in flag_fields("probe"):
+    for f in flag_fields(command):
         group = next(g for g, cls in GROUPS.items() if f.name in cls.__dataclass_fields__)
         _add_option(groups[group], f)
     target = next(f for f in entry_fields("fit") if f.name == "target_batch")
@@ -226,8 +246,7 @@ def _cache_parser(sub: Any) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    """The ``autobatch`` parser: ``probe``, ``demo`` and ``cache``."""
-    assert "probe" in ENTRY_POINTS
+    """The ``autobatch`` parser: ``probe``, ``predict``, ``demo`` and ``cache``."""
     parser = ArgumentParser(
         prog="autobatch",
         description="Find the largest micro-batch that fits, and train at any target batch.",
@@ -238,8 +257,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log autobatch's steps; tracebacks of unexpected errors"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{probe,demo,cache}")
-    _probe_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{probe,predict,demo,cache}")
+    _measure_parser(sub, "probe")
+    _measure_parser(sub, "predict")
     _demo_parser(sub)
     _cache_parser(sub)
     return parser

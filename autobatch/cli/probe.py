@@ -16,10 +16,11 @@ from autobatch.planner import Plan, plan
 if TYPE_CHECKING:
     from autobatch.export import TrainerConfig
 
-__all__ = ["probe_payload", "run"]
+__all__ = ["check_format", "optimizer_for", "plans", "probe_payload", "report", "run"]
 
 
-def _optimizer(name: str, model: Any) -> Any:
+def optimizer_for(name: str, model: Any) -> Any:
+    """The optimizer ``--optimizer NAME`` builds over the model's trainable parameters."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -30,7 +31,7 @@ def _optimizer(name: str, model: Any) -> Any:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _plans(args: argparse.Namespace, result: Any) -> tuple[Plan | None, TrainerConfig | None]:
+def plans(args: argparse.Namespace, result: Any) -> tuple[Plan | None, TrainerConfig | None]:
     """The plan for ``--target-batch`` and, with ``--format``, the tool's settings for it (with the
     precision and optimizer the probe measured)."""
     if args.target_batch is None:
@@ -42,7 +43,7 @@ def _plans(args: argparse.Namespace, result: Any) -> tuple[Plan | None, TrainerC
     return training, config
 
 
-def _check_format(args: argparse.Namespace) -> None:
+def check_format(args: argparse.Namespace) -> None:
     """``--format`` exports gradient accumulation for a target batch: without one it would be a silent 1."""
     if args.format != "text" and args.target_batch is None:
         raise UsageValueError(
@@ -96,13 +97,13 @@ def _options(args: argparse.Namespace, factory: dict[str, Any], model: Any, devi
     flags = {f.name: getattr(args, f.name) for f in flag_fields("probe") if getattr(args, f.name) is not None}
     options = {**factory, **flags, "device": device}
     if args.optimizer is not None or "optimizer" not in options:
-        options["optimizer"] = _optimizer(args.optimizer or "adamw", model)
+        options["optimizer"] = optimizer_for(args.optimizer or "adamw", model)
     return options
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
     """Probe, render the result, and exit 3 when it is below ``--min-batch``."""
-    _check_format(args)  # before torch is imported: a usage error answers at once
+    check_format(args)  # before torch is imported: a usage error answers at once
     from autobatch.api import probe
     from autobatch.cli.inputs import build_inputs
     from autobatch.session import check_device_available, default_device
@@ -130,10 +131,15 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     finally:
         if status is not None:
             status.stop()
-    training, config = _plans(args, result)
+    return report(args, streams, result)
+
+
+def report(args: argparse.Namespace, streams: Streams, result: Any) -> int:
+    """Render ``result`` (the plan and settings too), write the ``--json`` object; 3 below ``--min-batch``."""
+    training, config = plans(args, result)
     below = args.min_batch is not None and result.micro_batch < args.min_batch
     shortfall = f"micro-batch {result.micro_batch} is below --min-batch {args.min_batch}" if below else None
-
+    err = console(streams.stderr)
     human = console(streams.people)
     human.print(result)
     if training is not None:

@@ -51,6 +51,9 @@ __all__ = [
 ALLOCATOR_FROM = 64 * 2**20
 """``emulation="auto"`` models CUDA's caching allocator for limits of at least this many bytes."""
 
+UNBOUNDED = 1 << 60
+"""The capacity of an emulated device that only counts (:meth:`DeviceMemory.roomy` for fake tensors)."""
+
 DEFAULT_CPU_FRACTION = 0.5
 """Share of the host's available RAM that a probe may use on a host-memory device when no limit is given."""
 
@@ -144,8 +147,11 @@ def default_cpu_limit() -> int:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once).
+
+    Storages are told apart by identity, not by address: fake and meta storages all report address 0.
+    """
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
@@ -199,14 +205,16 @@ class DeviceMemory:
         guarded.guard = True
         return guarded
 
-    def roomy(self) -> DeviceMemory | None:
+    def roomy(self, *, host_bound: bool = True) -> DeviceMemory | None:
         """This device without the limit, to measure what a step that failed under it needs; ``None``
         where nothing is roomier (no limit was set). An emulated device stays emulated, counting as before,
-        under half the host's available RAM (a guard: the host is never run out of memory)."""
+        under half the host's available RAM (a guard: the host is never run out of memory), unless
+        ``host_bound`` is ``False`` (fake tensors hold no host memory: then under :data:`UNBOUNDED`)."""
         if self.limit is None or self.guard:
             return None
         if self.emulated:
-            roomy = DeviceMemory(self.device, default_cpu_limit(), "allocator" if self.allocator else "ideal")
+            limit = default_cpu_limit() if host_bound else UNBOUNDED
+            roomy = DeviceMemory(self.device, limit, "allocator" if self.allocator else "ideal")
         else:  # CUDA under a memory_limit: the whole card (capped() lifts the cap inside its block)
             roomy = DeviceMemory(self.device, self.capacity_of_device(), self.emulation)
         roomy.guard = True

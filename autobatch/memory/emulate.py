@@ -45,10 +45,10 @@ from autobatch._tree import map_tensors
 from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.ledger import BLOCK_BYTES, Ledger
 
-__all__ = ["BLOCK_BYTES", "EmulatedDevice"]
+__all__ = ["BLOCK_BYTES", "EmulatedDevice", "flat_tensors"]
 
 
-def _flat(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+def flat_tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors of an op's arguments or outputs (tensors, and lists, tuples and dicts of them).
 
     A plain recursion: torch's generic pytree walk cost a third of an emulated step's time.
@@ -57,10 +57,10 @@ def _flat(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(obj)
     elif isinstance(obj, (list, tuple)):
         for item in obj:
-            _flat(item, out)
+            flat_tensors(item, out)
     elif isinstance(obj, dict):
         for item in obj.values():
-            _flat(item, out)
+            flat_tensors(item, out)
     return out
 
 
@@ -188,7 +188,7 @@ class EmulatedDevice(TorchDispatchMode):
         new: dict[int, torch.UntypedStorage] = {}
         grown: dict[int, torch.UntypedStorage] = {}
         inputs: set[int] | None = None  # the arguments' storages, gathered only when needed
-        for t in _flat(out, []):
+        for t in flat_tensors(out, []):
             if not self._counts(t):
                 continue
             st = t.untyped_storage()
@@ -198,7 +198,7 @@ class EmulatedDevice(TorchDispatchMode):
                     grown[key] = st  # resized in place (an `out=` argument)
                 continue
             if inputs is None:
-                inputs = {a.untyped_storage()._cdata for a in _flat(arguments, []) if not a.is_meta}
+                inputs = {a.untyped_storage()._cdata for a in flat_tensors(arguments, []) if not a.is_meta}
             if key not in inputs:  # inputs never counted are host memory, e.g. a dataset
                 new[key] = st
         return list(new.values()), grown

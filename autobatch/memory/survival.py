@@ -27,7 +27,7 @@ from typing import Any
 
 from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.allocator import AllocatorOutOfMemory, CachingAllocator
-from autobatch.memory.timeline import MemoryTimeline, Timeline, best_fit, largest_in_regions
+from autobatch.memory.timeline import SCAN_LIMIT, MemoryTimeline, Timeline, best_fit, largest_in_regions
 
 __all__ = [
     "COLD",
@@ -501,7 +501,7 @@ class SurvivalPredictor:
             )
         return self._known[key]
 
-    def max_batch(self, limit: int, *, lo: int, hi: int) -> int:
+    def max_batch(self, limit: int, *, lo: int, hi: int, scan_limit: int = SCAN_BUDGET) -> int:
         """The largest batch in ``[lo, hi]`` whose training survives under ``limit`` (``lo - 1``: none).
 
         A binary search within the batch ranges where no allocation changes pool or segment kind (the
@@ -519,11 +519,11 @@ class SurvivalPredictor:
         # The replay is not monotone inside a region either (a cold start's second step may fail at a
         # batch whose neighbours survive): the batches below the answer are replayed for holes.
         scan = fits if self.allocator else None
-        return largest_in_regions(fits, lo, hi, regions, scan=scan, scan_limit=SCAN_BUDGET)
+        return largest_in_regions(fits, lo, hi, regions, scan=scan, scan_limit=scan_limit)
 
-    def single_step_max(self, limit: int, *, lo: int, hi: int) -> int:
+    def single_step_max(self, limit: int, *, lo: int, hi: int, scan_limit: int = SCAN_LIMIT) -> int:
         """The largest batch in ``[lo, hi]`` whose one step from steady state, packed, fits (and every
-        batch below it): what a probe of single steps answers."""
+        batch below it, at most ``scan_limit`` of them replayed): what a probe of single steps answers."""
 
         def one_step(batch: int) -> bool:
             run = _Run(limit, self.allocator, self.config)
@@ -534,7 +534,8 @@ class SurvivalPredictor:
         micro = self.model.micro
         line = micro.points[0] != micro.points[1]
         regions = micro._regions(lo, hi) if self.allocator and line else [(lo, hi)]
-        return largest_in_regions(one_step, lo, hi, regions, scan=one_step if self.allocator else None)
+        scan = one_step if self.allocator else None
+        return largest_in_regions(one_step, lo, hi, regions, scan=scan, scan_limit=scan_limit)
 
     def peak(self, batch: int) -> int:
         """The highest peak of training at ``batch`` (no limit), in the units of the limit."""

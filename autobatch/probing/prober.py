@@ -30,6 +30,7 @@ from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.footprint import ModelState, model_state
 from autobatch.memory.oom import frozen_heap, release_memory
 from autobatch.memory.survival import SurvivalPredictor
+from autobatch.probing.fake import ShapeOnlyScaler
 from autobatch.probing.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
 from autobatch.probing.trials import Trials, Verdict
 from autobatch.result import ProbeResult
@@ -38,9 +39,14 @@ from autobatch.step.state import snapshot
 from autobatch.step.stepper import Stepper
 from autobatch.units import format_bytes
 
-__all__ = ["Prober", "apply_margin"]
+__all__ = ["ADVISORY_SCAN_PREDICTED", "Prober", "apply_margin"]
 
 logger = logging.getLogger("autobatch.probe")
+
+ADVISORY_SCAN_PREDICTED = 16
+"""Batches a prediction replays for holes below its advisory figures (what one step alone fits, what
+expandable segments would buy), in strides beyond: the answer's own scan is the probe's, and these replays
+are all a prediction's call costs (the expandable allocator's 3 × slower)."""
 
 
 def apply_margin(exact: int, margin: float, multiple_of: int) -> int:
@@ -69,9 +75,21 @@ class Prober:
         chunks: the micro-batches a plan cuts a micro-batch into (``fit`` knows its target): training
             at a micro-batch survives when the steps of that plan do. ``None``: two micro-steps of it (one
             without ``accumulate``).
+        values: whether the steps may read values; ``False`` on fake tensors (a prediction), where the
+            GradScaler is a :class:`~autobatch.probing.fake.ShapeOnlyScaler`.
+        kernels: the :class:`~autobatch.step.cudakernels.KernelPolicy` the forward runs under, or ``None``.
+        runtime: tensors the runtime holds on the device from the start (a GPU's cuBLAS workspaces).
     """
 
-    def __init__(self, session: Session, chunks: Callable[[int], Sequence[int]] | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        chunks: Callable[[int], Sequence[int]] | None = None,
+        *,
+        values: bool = True,
+        kernels: Any = None,
+        runtime: Sequence[torch.Tensor] = (),
+    ) -> None:
         self.session = session
         self.memory = session.memory.guarded()
         step = session.options.step
@@ -79,7 +97,7 @@ class Prober:
         if optimizer is None:  # probe and try_batch: the optimizer training would default to
             optimizer = torch.optim.AdamW([p for p in session.model.parameters() if p.requires_grad], lr=1e-3)
         self.optimizer = optimizer
-        scaler = torch.amp.GradScaler(
+        scaler = (torch.amp.GradScaler if values else ShapeOnlyScaler)(
             session.device.type, init_scale=1.0, enabled=session.precision == "fp16"
         )
         self.stepper = Stepper(
@@ -92,6 +110,9 @@ class Prober:
             grad_clip=step.grad_clip,
             scaler=scaler,
             skip_nonfinite=False,
+            values=values,
+            kernels=kernels,
+            runtime=runtime,
         )
         self.floor = session.floor
         capacity = self.memory.capacity
@@ -101,6 +122,9 @@ class Prober:
         self.capacity = capacity
         self.trials = Trials(self, chunks)
         self._predictor: SurvivalPredictor | None = None
+        # Batches below the advisory figures replayed for holes: as many as for their own searches, or
+        # fewer where the replay is all a call costs (a prediction).
+        self.advisory_scan: int | None = None if values else ADVISORY_SCAN_PREDICTED
 
     @property
     def steps(self) -> int:
@@ -317,10 +341,12 @@ class Prober:
                 format_bytes(survival.growth),
             )
         fixed = list(survival.fixed_point.values())
+        scan = {} if self.advisory_scan is None else {"scan_limit": self.advisory_scan}
+        single = predictor.single_step_max(self.capacity, lo=self.floor, hi=cap, **scan)
         facts: dict[str, Any] = {
             "fixed_point_steps": None if not fixed or None in fixed else max(fixed),  # type: ignore[type-var]
             "decided_by": survival.binding.describe() if survival.binding is not None else None,
-            "single_step_batch": predictor.single_step_max(self.capacity, lo=self.floor, hi=cap) or None,
+            "single_step_batch": single or None,
         }
         if reserved:
             described = config.alloc_conf or "default"
@@ -330,7 +356,8 @@ class Prober:
             if not config.expandable_segments:
                 expandable = AllocatorConfig(expandable_segments=True)
                 other = SurvivalPredictor(model, allocator=True, chunks=self.trials.chunks, config=expandable)
-                facts["expandable_batch"] = other.max_batch(self.capacity, lo=self.floor, hi=cap) or None
+                best_expandable = other.max_batch(self.capacity, lo=self.floor, hi=cap, **scan)
+                facts["expandable_batch"] = best_expandable or None
         return facts
 
     def result(self, outcome: SearchOutcome, state: ModelState, cap: int, started: float) -> ProbeResult:
@@ -415,8 +442,9 @@ class Prober:
 
     def needed_at_floor(self) -> int | None:
         """The most memory training at the floor batch takes on this device without the limit (the
-        smallest limit that would do), or ``None`` where there is no roomier memory to measure on."""
-        roomy = self.memory.roomy()
+        smallest limit that would do), or ``None`` where there is no roomier memory to measure on (or it
+        ran out there too)."""
+        roomy = self.memory.roomy(host_bound=self.stepper.values)  # fake tensors hold no host memory
         group = self.session.group
         if group is not None and int(group.min([0.0 if roomy is None else 1.0])[0]) == 0:
             return None  # every rank measures, or none does

@@ -185,6 +185,12 @@ class Stepper:
         scaler: the GradScaler to use; by default one enabled only for fp16.
         skip_nonfinite: skip (do not apply) an optimizer step whose loss is NaN or infinite, or whose
             clipped gradient norm is; the probe measures every step instead, so it passes ``False``.
+        values: whether the step may read tensor values; ``False`` on fake tensors (a prediction), where
+            the loss reads as 0.0 (and ``skip_nonfinite`` must be ``False``).
+        kernels: a :class:`~autobatch.step.cudakernels.KernelPolicy` whose region wraps the autocast
+            forward (a prediction for a GPU), or ``None``.
+        runtime: tensors the runtime keeps on the device before the first step (a prediction's cuBLAS
+            workspaces): resident from the start, first of all.
     """
 
     def __init__(
@@ -200,6 +206,9 @@ class Stepper:
         grad_clip: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         skip_nonfinite: bool = True,
+        values: bool = True,
+        kernels: Any = None,
+        runtime: Sequence[torch.Tensor] = (),
     ) -> None:
         self.model = model
         self.forward_module = forward if forward is not None else model
@@ -210,6 +219,9 @@ class Stepper:
         self.step_fn = step_fn
         self.grad_clip = grad_clip
         self.skip_nonfinite = skip_nonfinite
+        self.values = values
+        self.kernels = kernels
+        self.runtime = list(runtime)
         self.device_type = memory.device.type
         self.dtype = _DTYPES[precision]
         if scaler is None:
@@ -227,9 +239,12 @@ class Stepper:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast region of the forward pass (none in fp32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        region: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext()
+            if self.precision == "fp32"
+            else torch.autocast(self.device_type, dtype=self.dtype)
+        )
+        return region if self.kernels is None else self.kernels.region(region)
 
     def forward_backward(self, batch: Any, weight: float = 1.0) -> torch.Tensor:
         """Forward and scaled backward of one micro-batch; returns its unweighted loss, detached.
@@ -290,8 +305,9 @@ class Stepper:
                 tensor.copy_(copy)
 
     def pending_loss(self) -> float:
-        """The weighted loss of the micro-steps since the last step, as a number (a device sync)."""
-        return float(self._loss) if self._loss is not None else 0.0
+        """The weighted loss of the micro-steps since the last step, as a number (a device sync); 0.0 where
+        the step reads no values."""
+        return float(self._loss) if self._loss is not None and self.values else 0.0
 
     def materialise_gradients(self) -> None:
         """Give every trainable parameter a gradient (zeros where none flowed), so summing them across
@@ -362,10 +378,10 @@ class Stepper:
             per_optimizer.clear()
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        """What the step keeps on the device before its first step: parameters, buffers, the scaler's state
-        and what the model's modules keep in plain attributes
+        """What the step keeps on the device before its first step: the runtime's tensors, parameters,
+        buffers, the scaler's state and what the model's modules keep in plain attributes
         (:func:`~autobatch.memory.footprint.kept_tensors`)."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors = [*self.runtime, *self.model.parameters(), *self.model.buffers()]
         tensors += [v for v in vars(self.scaler).values() if isinstance(v, torch.Tensor)]
         return tensors + kept_tensors(self.model)
 

@@ -2,7 +2,8 @@
 
 The module is marked ``memory_limit("4GiB")``: on the CPU-only CI job autobatch emulates a 4 GiB device,
 on the small-GPU runner the CUDA allocator is capped to 4 GiB, so both jobs check the same budget.
-The tests move the model to CUDA when there is one, so the GPU job measures the real allocator.
+The tests move the model to CUDA when there is one, so the GPU job measures the real allocator; one predicts
+for the card we deploy on (``memory_limit(gpu="T4", predict=True)``), which no job needs to have.
 
 Run: ``pytest examples/ci`` (the plugin comes with autobatch; nothing to configure).
 """
@@ -38,6 +39,12 @@ def test_short_fit_trains() -> None:
 @pytest.mark.memory_limit("1GiB")  # the innermost marker wins: a tighter budget for this one
 def test_fits_a_smaller_device_too() -> None:
     assert_fits(build_model().to(DEVICE), SAMPLE, 64)
+
+
+@pytest.mark.memory_limit(gpu="T4", predict=True)  # the card we deploy on, predicted on this runner's CPU
+def test_the_micro_batch_fits_a_t4() -> None:
+    trial = assert_fits(build_model(), SAMPLE, MICRO_BATCH)  # fp16 and the T4's kernels, on fake tensors
+    assert trial.peak_bytes is not None
 
 
 @pytest.mark.gpu

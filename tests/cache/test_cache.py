@@ -135,6 +135,22 @@ def test_put_stores_the_uncached_result(no_warnings: None) -> None:
     assert data["result"]["cached"] is False
 
 
+def test_a_predicted_result_is_never_stored_nor_served() -> None:
+    fp, cache = setup(), ProbeCache()
+    predicted = replace(made_result(), predicted=True, gpu="T4", budget_bytes=2**30, kernels="cuda:7.5")
+    with pytest.raises(ValueError, match="Expected a probed result, but got a predicted one"):
+        cache.put(cache_key(fp), predicted, fp)
+    assert cache.entries() == []
+    # A file holding one (not autobatch's: put refuses them) is ignored with a warning, never served.
+    path = cache.put(cache_key(fp), made_result(), fp)
+    assert path is not None
+    data = json.loads(path.read_text())
+    data["result"].update(predicted=True, gpu="T4")
+    path.write_text(json.dumps(data))
+    assert one_warning(lambda: cache.get(cache_key(fp))) is None
+    assert "a predicted result" in one_warning.last  # type: ignore[attr-defined]
+
+
 def test_miss_for_an_unknown_key(no_warnings: None) -> None:
     cache = ProbeCache()
     assert cache.get(cache_key(setup())) is None  # the directory does not even exist

@@ -595,6 +595,47 @@ def test_below_min_batch_is_exit_3_with_the_full_result(tmp_path: Path, env: dic
     assert payload["error"] in proc.stderr
 
 
+# ------------------------------------------------------------------------------------------- predict
+
+PREDICTED_KEYS = {"predicted", "gpu", "budget_bytes", "kernels", "prediction_notes"}
+
+
+def predict(spec: str, *extra: str, env: dict[str, str]) -> Any:
+    """``autobatch predict SPEC`` on random inputs, with ``--json``."""
+    return autobatch("predict", spec, *RANDOM_INPUTS, "--no-progress", "--json", *extra, env=env)
+
+
+def test_predict_keeps_the_probes_contract_and_adds_what_it_predicted(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    path = user_module(tmp_path, "predicted", "")
+    payload = expect_success(predict(f"{path}:Net", "--gpu", "T4", "--max-batch", "64", env=env))
+    assert set(payload) >= SUCCESS_KEYS | PREDICTED_KEYS
+    assert payload["predicted"] is True and payload["gpu"] == "T4" and payload["kernels"] == "cuda:7.5"
+    assert (
+        payload["device"] == "cuda"
+        and payload["memory_limit"] is None
+        and payload["capped_by"] == "max_batch"
+    )
+    assert payload["budget_bytes"] == 15095 * 2**20 - 384 * 2**20  # the T4 less its CUDA context
+    assert all(isinstance(note, str) for note in payload["prediction_notes"])
+    assert all(t["role"] in ("cold", "steady") for t in payload["trials"])  # no step at full size
+    below = predict(f"{path}:Net", "--gpu", "T4", "--max-batch", "64", "--min-batch", "100", env=env)
+    assert expect(below, EXIT_NO_FIT)["error_kind"] == "below --min-batch"  # the CI gate for a card
+
+
+def test_predict_refusals_and_no_fit_are_the_probes(tmp_path: Path, env: dict[str, str]) -> None:
+    path = user_module(tmp_path, "predicted_errors", "")
+    payload = expect_error(predict(f"{path}:tiny", "--gpu", "V100", env=env), EXIT_USAGE, "error")
+    assert "Expected `gpu` to be one of T4" in payload["error"]
+    payload = expect_error(predict(f"{path}:tiny", env=env), EXIT_USAGE, "error")
+    assert "Expected `gpu` or `memory_limit`" in payload["error"]
+    payload = expect_error(
+        predict(f"{path}:tiny", "--memory-limit", "1KiB", env=env), EXIT_NO_FIT, "no batch fits"
+    )
+    assert payload["memory_limit"] == 1024 < payload["needed_bytes"]
+
+
 # --------------------------------------------------------------------------------------- usage errors
 
 USAGE_ERRORS = {

@@ -158,6 +158,17 @@ def test_tensor_bytes_counts_each_storage_once() -> None:
     assert tensor_bytes([x[:10]]) == 4000  # a view holds its whole storage
 
 
+def test_tensor_bytes_tells_fake_and_meta_storages_apart() -> None:
+    # They all report address 0: a prediction's model state would count one storage of many.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = [torch.empty(1000), torch.empty(10, dtype=torch.float64)]
+    meta = [torch.empty(1000, device="meta"), torch.empty(500, device="meta")]
+    assert tensor_bytes([*fake, fake[0][:10]]) == 4080
+    assert tensor_bytes(meta) == 6000
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_cap_is_set_and_restored() -> None:

@@ -359,3 +359,22 @@ def test_materialise_gradients_gives_every_trainable_parameter_one() -> None:
     model[0].weight.grad = None
     s.materialise_gradients()
     assert torch.equal(model[0].weight.grad, torch.zeros_like(model[0].weight))
+
+
+def test_a_step_on_fake_tensors_reads_no_values_and_places_the_runtime_first() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autobatch.step.cudakernels import KernelPolicy
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        workspace = torch.empty(1 << 20, dtype=torch.uint8)
+        policy = KernelPolicy(80)
+        s = Stepper(model, optimizer, DeviceMemory(CPU, None), "bf16", values=False, kernels=policy,
+                    runtime=[workspace], skip_nonfinite=False)  # fmt: skip
+        s.forward_backward(batch())
+        assert s.pending_loss() == 0.0  # float() of a fake loss would raise
+        assert s.optimizer_step().applied
+    assert s.weight_tensors()[0] is workspace  # resident before the weights, as after the first matmul
+    assert s.state_tensors()[0] is workspace
