@@ -150,7 +150,7 @@ def test_where_nothing_is_roomier_the_error_bounds_the_back_off(
 ) -> None:
     """CUDA at its full capacity: no re-measure; what the error says it needed still steers the back-off."""
     longest, mixed = sizes
-    monkeypatch.setattr(DeviceMemory, "roomy", lambda self: None)
+    monkeypatch.setattr(DeviceMemory, "roomy", lambda self, **_: None)
     samples = text_samples()
     result = autobatch.fit(
         PaddedEncoder(), loader(samples), target_batch=longest, micro_batch=longest, **MEMORY, **QUIET
@@ -297,7 +297,7 @@ def test_no_batch_fits_names_the_model_state_and_the_smallest_limit_that_does() 
 
 
 def test_where_nothing_is_roomier_the_optimizer_state_is_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(DeviceMemory, "roomy", lambda self: None)
+    monkeypatch.setattr(DeviceMemory, "roomy", lambda self, **_: None)
     with pytest.raises(NoBatchFitsError) as caught:
         autobatch.probe(PaddedEncoder(), loader(text_samples(16)), **{**MEMORY, "memory_limit": "96KiB"})
     state = caught.value.model_state

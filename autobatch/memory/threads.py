@@ -16,6 +16,7 @@ Imports torch only when it runs: :mod:`autobatch.options` checks ``cpu_threads``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 _ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _default_counts() -> set[int]:
+@functools.cache
+def _default_counts() -> frozenset[int]:
     """The thread counts torch starts with on this machine: its logical or its physical cores."""
     counts = {os.cpu_count() or 1}
     with contextlib.suppress(AttributeError, OSError):
@@ -46,7 +48,7 @@ def _default_counts() -> set[int]:
                 cores.add((physical, value.strip()))
         if cores:
             counts.add(len(cores))
-    return counts
+    return frozenset(counts)
 
 
 def available_cores() -> int:
@@ -67,8 +69,9 @@ def chosen_by_user() -> bool:
 
 
 @contextlib.contextmanager
-def cpu_threads(setting: int | str, device: torch.device) -> Iterator[int | None]:
-    """Run the block with the policy's thread count on the CPU; yields it (``None`` off the CPU)."""
+def cpu_threads(setting: int | str, device: torch.device, *, say: bool = True) -> Iterator[int | None]:
+    """Run the block with the policy's thread count on the CPU; yields it (``None`` off the CPU). ``say``:
+    log the change (a caller that enters once per step says it on its first step only)."""
     import torch
 
     if device.type != "cpu":
@@ -76,13 +79,14 @@ def cpu_threads(setting: int | str, device: torch.device) -> Iterator[int | None
         return
     previous = torch.get_num_threads()
     count = (previous if chosen_by_user() else 1) if setting == "auto" else int(setting)
-    if count != previous:
+    if count != previous and say:
         logger.info(
             "running on %d CPU thread(s) instead of %d (cpu_threads=%r); pass cpu_threads=N for others",
             count,
             previous,
             setting,
         )
+    if count != previous:
         torch.set_num_threads(count)
     try:
         yield count

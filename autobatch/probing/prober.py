@@ -270,7 +270,7 @@ class Prober:
             trace_first = self.trials.trace_cold if case == "longest" else self.trials.warm
             role = "cold" if case == "longest" else "steady"
             traced.append(run(partial(trace_first, case=case), first, role=role))
-            for second in (hint, first + 1):  # the hint, or the batch after the first where it failed
+            for second in (self._traced_hint(hint), first + 1):  # the hint, or the batch after the first
                 if second is not None and first < second <= cap and traced[0].fitted:
                     traced.append(run(partial(self.trials.warm, case=case), second, role="steady"))
                     if traced[-1].fitted:
@@ -306,6 +306,13 @@ class Prober:
             outcome.first_failure = min(failed)
         outcome.trials = traced + outcome.trials
         return outcome
+
+    def _traced_hint(self, hint: int | None) -> int | None:
+        """The batch a hint's steady step is traced at: the hint, or where a plan cuts steps into chunks,
+        the largest chunk the plan at the hint runs (a step at the hint itself is no step training runs)."""
+        if hint is None or self.trials.chunks is None:
+            return hint
+        return max(self.trials.chunks(hint))
 
     def _memory_line(self, case: str, best: int, line: Any) -> dict[str, Any]:
         """``fixed_bytes + bytes_per_sample × batch``: the line through the replayed peaks of training at

@@ -148,7 +148,11 @@ class StepRunner:
         self.backoffs: list[Backoff] = []
         self.regrowths: list[Backoff] = []
         self.epoch = 0  # set by an epoch loop: recorded with back-offs and regrowths
-        self._clean_steps = 0
+        self.last_micro = micro_batch
+        """The micro-batch the last step ran with (:attr:`micro` may have regrown since)."""
+        self.clean_steps = 0
+        """Steps since the last back-off: at ``regrow_after`` of them the micro-batch doubles (up to its
+        largest)."""
         self._nonfinite_run = 0
 
     def plan(self, target: int | None = None) -> Plan:
@@ -272,10 +276,11 @@ class StepRunner:
                     model_state=state,
                 )
             smaller, need = self._smaller(micro, outcome, data)
-            self._backed_off(micro, smaller, need)
+            self._backed_off(micro, smaller, need, samples)
             micro = smaller
         if micro < first:  # backed off: train on with the micro-batch that fitted
             self.micro = micro
+        self.last_micro = micro
         if self.on_step is not None:
             self.on_step()
         if outcome.deferred:
@@ -373,12 +378,12 @@ class StepRunner:
                     first_step=first,
                     steps=self._nonfinite_run,
                 )
-        self._clean_steps += 1
-        if self.micro < self.max_micro and self._clean_steps >= self.regrow_after:
+        self.clean_steps += 1
+        if self.micro < self.max_micro and self.clean_steps >= self.regrow_after:
             grown = min(self.max_micro, 2 * self.micro)
             self.regrowths.append(Backoff(self.epoch, self.steps, self.micro, grown))
-            logger.info("micro-batch %d → %d after %d clean steps", self.micro, grown, self._clean_steps)
-            self.micro, self._clean_steps = grown, 0
+            logger.info("micro-batch %d → %d after %d clean steps", self.micro, grown, self.clean_steps)
+            self.micro, self.clean_steps = grown, 0
 
     def _optimizer_error(self, outcome: StepOutcome) -> OptimizerStepError:
         step, ranks = self.steps + 1, list(outcome.oom_ranks)
@@ -402,9 +407,18 @@ class StepRunner:
             step=step,
         )
 
-    def _backed_off(self, old: int, new: int, demand: int | None) -> None:
+    def _plan_text(self, micro: int, samples: int) -> str:
+        """The plan a step of ``samples`` is redone with at ``micro`` (the full step's, where this one's
+        samples do not split evenly over the ranks: a short last step)."""
+        total = samples if samples % self.world_size == 0 else self.target_batch
+        if not total or total % self.world_size:
+            return f"{micro} per micro-step"
+        floor = min(self.floor, total // self.world_size)
+        return plan(micro, total, self.world_size, min_chunk=floor).describe()
+
+    def _backed_off(self, old: int, new: int, demand: int | None, samples: int) -> None:
         self.backoffs.append(Backoff(self.epoch, self.steps, old, new))
-        self._clean_steps = 0
+        self.clean_steps = 0
         needed = (
             f" (it needs {format_bytes(demand)} of {format_bytes(self.capacity)})"
             if demand is not None and self.capacity is not None
@@ -417,5 +431,5 @@ class StepRunner:
             self.epoch + 1,
             self.steps + 1,
             new,
-            plan(new, self.target_batch or new * self.world_size, self.world_size).describe(),
+            self._plan_text(new, samples),
         )

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from autobatch import distributed
-from autobatch._tree import batch_size_of, slice_batch
+from autobatch._tree import batch_size_of, iter_tensors, slice_batch
 from autobatch.errors import UsageTypeError, UsageValueError
 from autobatch.memory.device import DeviceMemory
 from autobatch.memory.threads import cpu_threads
@@ -105,6 +105,18 @@ def _unbatched(batch: Any) -> Any:
     return batch
 
 
+def _check_sample_counts(batch: Any, n: int) -> None:
+    """Every tensor of ``batch`` holds ``n`` samples along its first dimension: cut into micro-batches at
+    the same bounds, tensors that disagree would lose samples without a word."""
+    shapes = [tuple(t.shape) for t in iter_tensors(batch)]
+    if any(not shape or shape[0] != n for shape in shapes):
+        listed = ", ".join(str(list(shape)) for shape in shapes)
+        raise UsageValueError(
+            f"Expected every tensor of `batch` to hold its {n} samples along the first dimension, but got "
+            f"shapes {listed}."
+        )
+
+
 class _Batch(StepData):
     """One call's batch, as the runner reads a step: micro-batches are slices of it."""
 
@@ -154,6 +166,8 @@ class TrainStep:
         self.floor = smallest_batch(module)
         self.micro_batch: int | None = train.micro_batch
         """The micro-batch in force (``None`` until probed); it shrinks on a back-off and regrows."""
+        self._max_micro: int | None = None  # the largest micro-batch a loaded checkpoint regrows to
+        self._clean_steps = 0  # and its clean steps since the last back-off
         self.result: ProbeResult | None = None
         """The probe's result, where this step probed (or was given one)."""
         self._stepper = Stepper(
@@ -187,8 +201,7 @@ class TrainStep:
                     data.precision,
                     self.precision,
                 )
-            self.result, self.micro_batch = data, data.micro_batch
-            return data
+            return self._take(data)
         probe_options = {k: v for k, v in self._given.items() if k not in _TRAINING_ONLY}
         session = resolve(
             self.ddp or self.model,
@@ -204,7 +217,11 @@ class TrainStep:
             )
         with session.start():
             result = probe_session(session, cap=per_rank, chunks=planned_chunks(per_rank, session.floor))
-        self.result, self.micro_batch = result, result.micro_batch
+        return self._take(result)
+
+    def _take(self, result: ProbeResult) -> ProbeResult:
+        """Run at ``result``'s micro-batch from now on, regrowing to it after a back-off."""
+        self.result, self.micro_batch, self._max_micro = result, result.micro_batch, None
         if self._runner is not None:
             self._runner.micro = self._runner.max_micro = result.micro_batch
         return result
@@ -239,14 +256,15 @@ class TrainStep:
             ) from None
         if n < 1:
             raise UsageValueError("Expected `batch` to hold at least one sample, but got an empty batch.")
-        with cpu_threads(self.options.memory.cpu_threads, self.device):
+        _check_sample_counts(batch, n)
+        with cpu_threads(self.options.memory.cpu_threads, self.device, say=self._runner is None):
             runner = self._runner or self._start(batch, n)
             samples = n if self._group is None else int(self._group.sum([n])[0])
             before, skipped = len(runner.backoffs), runner.skipped_steps
             with self.memory.capped():
                 loss = runner.optimizer_step(_Batch(batch, n), samples)
         self.micro_batch = runner.micro
-        sizes = tuple(b - a for a, b in chunk_bounds(runner.micro, n, min(self.floor, n)))
+        sizes = tuple(b - a for a, b in chunk_bounds(runner.last_micro, n, min(self.floor, n)))
         return StepReport(loss, sizes, tuple(runner.backoffs[before:]), runner.skipped_steps == skipped)
 
     def _start(self, batch: Any, n: int) -> StepRunner:
@@ -272,16 +290,25 @@ class TrainStep:
             fixed_bytes=self.result.fixed_bytes if self.result is not None else None,
             scheduler=self.scheduler,
         )
+        if self._max_micro is not None:
+            self._runner.max_micro = max(self._max_micro, self.micro_batch)
+            self._runner.clean_steps = self._clean_steps
         return self._runner
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The GradScaler's state and the micro-batch: what a checkpoint needs to resume this step."""
+        """The GradScaler's state and the micro-batch (with the largest it regrows to, and the clean steps
+        since its last back-off): what a checkpoint needs to resume this step as it would have gone on."""
         runner = self._runner
+        if runner is None:
+            largest, clean = self._max_micro or self.micro_batch, self._clean_steps
+        else:
+            largest, clean = runner.max_micro, runner.clean_steps
         return {
             "scaler": self.scaler.state_dict(),
             "micro_batch": runner.micro if runner is not None else self.micro_batch,
-            "max_micro_batch": runner.max_micro if runner is not None else self.micro_batch,
+            "max_micro_batch": largest,
+            "clean_steps": clean,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -294,10 +321,11 @@ class TrainStep:
         self.scaler.load_state_dict(state["scaler"])
         micro, largest = state.get("micro_batch"), state.get("max_micro_batch")
         if micro is not None:
-            self.micro_batch = int(micro)
+            self.micro_batch, self._max_micro = int(micro), int(largest or micro)
+            self._clean_steps = int(state.get("clean_steps", 0))
             if self._runner is not None:
-                self._runner.micro = int(micro)
-                self._runner.max_micro = int(largest or micro)
+                self._runner.micro, self._runner.max_micro = self.micro_batch, self._max_micro
+                self._runner.clean_steps = self._clean_steps
 
     @property
     def steps(self) -> int:
