@@ -855,3 +855,39 @@ def test_the_report_reads_as_the_steps_loss() -> None:
     assert float(report) == pytest.approx(expected, rel=1e-6)
     assert f"{report:.4f}" == f"{expected:.4f}" and f"{report:.2e}" == f"{expected:.2e}"
     assert report.item() == float(report) and isinstance(report.item(), float)
+
+
+# -- on a real GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_trainstep_fp16_steps_exactly_its_batch_and_survives_a_real_oom() -> None:
+    """On CUDA: probed on the first call under a capped allocator, fp16 with the GradScaler; a real
+    out-of-memory in the third step (64 GiB asked, far past the cap) backs off and redoes the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)
+    ).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    calls = {"n": 0, "armed": False}
+
+    def step_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+        if calls["armed"]:
+            calls["armed"] = False
+            torch.empty(64 * 2**30, dtype=torch.uint8, device="cuda")
+        x, target = batch
+        return F.cross_entropy(m(x), target)
+
+    step = TrainStep(model, optimizer, step_fn=step_fn, memory_limit="256MiB", precision="fp16")
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(1024, 3, 64, 64, generator=g), torch.randint(0, 10, (1024,), generator=g)
+    reports = []
+    for i in range(0, 1024, 256):
+        calls["armed"] = i == 512
+        reports.append(step((X[i : i + 256].cuda(), y[i : i + 256].cuda())))
+    assert step.precision == "fp16" and step.scaler.is_enabled()
+    assert step.result is not None and step.result.device.startswith("cuda")
+    assert all(sum(r.micro_batches) == 256 for r in reports), [r.micro_batches for r in reports]
+    assert reports[2].backoffs and not reports[0].backoffs
+    assert step.steps == 4 and all(math.isfinite(float(r)) for r in reports)
+    assert torch.cuda.max_memory_reserved() > 0
