@@ -29,6 +29,7 @@ from autobatch.errors import NoBatchFitsError
 from autobatch.memory.alloc_conf import AllocatorConfig
 from autobatch.memory.footprint import ModelState, model_state
 from autobatch.memory.oom import frozen_heap, release_memory
+from autobatch.memory.runtime import held_outside
 from autobatch.memory.survival import SurvivalPredictor
 from autobatch.probing.fake import ShapeOnlyScaler
 from autobatch.probing.search import OutOfMemory, Peaks, Predictor, SearchOutcome, Trial, run_trial, search
@@ -116,6 +117,12 @@ class Prober:
         )
         self.floor = session.floor
         capacity = self.memory.capacity
+        self.outside = 0
+        """On CUDA, what the caching allocator holds outside the step's tensors (cuBLAS's workspaces, other
+        tensors on the card): the cap counts it, the traces do not (:mod:`autobatch.memory.runtime`)."""
+        if self.memory.is_cuda and not runtime:  # a prediction's runtime tensors are its workspaces
+            self.outside = held_outside(session.device, self.stepper.state_tensors(), session.precision)
+            capacity = None if capacity is None else max(0, capacity - self.outside)
         if session.group is not None and capacity is not None:
             # Ranks with different limits must still search alike: all predict from the smallest.
             capacity = int(session.group.min([capacity])[0])
@@ -468,7 +475,7 @@ class Prober:
         finally:
             self.stepper.memory, self.trials.memory, self.capacity = saved
         if verdict.survival is not None:
-            return verdict.survival.peak
+            return verdict.survival.peak + self.outside
         peaks = verdict.peaks
         return peaks.reserved_bytes if roomy.counts_reserved else peaks.step_bytes
 
