@@ -337,7 +337,8 @@ class Prober:
         )
         p1, p2 = predictor.peak(low), predictor.peak(best)
         slope = (p2 - p1) / (best - low)
-        return {"fixed_bytes": p1 - slope * low, "bytes_per_sample": slope}
+        # What the allocator holds outside the steps counts against the cap, as training's back-off sees it.
+        return {"fixed_bytes": p1 - slope * low + self.outside, "bytes_per_sample": slope}
 
     def survival_facts(self, case: str, best: int, cap: int) -> dict[str, Any]:
         """What the answer holds for over consecutive steps (:class:`ProbeResult`'s survival fields)."""

@@ -54,3 +54,4 @@ def test_cuda_probe_holds_its_steps_to_the_cap_less_what_is_held_outside() -> No
     assert caught.value.needed_bytes is not None and caught.value.needed_bytes > outside
     result = probe(model, data, memory_limit=outside + 48 * MiB, precision="fp16", cache=False)
     assert result.capped_by is None and result.ooms <= 1, result.summary()
+    assert result.fixed_bytes is not None and result.fixed_bytes >= outside  # training's back-off sees it
