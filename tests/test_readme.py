@@ -281,7 +281,6 @@ def shown_settings(cell: str) -> dict[str, Any]:
 # -- Text and language models ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_the_language_model_block_runs_and_scores_a_causal_lm() -> None:
     """With a tiny GPT-2 and an in-memory tokenizer (nothing downloaded): a causal LM's report."""
     pytest.importorskip("transformers")
@@ -370,6 +369,7 @@ def test_the_examples_the_bash_blocks_name_exist() -> None:
 # -- CI smoke tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_ci_smoke_tests_pass_fail_and_skip_as_the_readme_shows(tmp_path: Path) -> None:
     """The block is a test file: it runs with the plugin, and fails and skips with the lines shown."""
     (code,) = blocks("CI smoke tests")
@@ -399,6 +399,7 @@ def test_the_ci_smoke_tests_pass_fail_and_skip_as_the_readme_shows(tmp_path: Pat
     assert skipped in out or gpu == "PASSED", done.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_the_ci_probe_gate_exits_0_with_one_json_object(tmp_path: Path) -> None:
     """``autobatch probe examples/ci/model.py:build … --json > probe.json`` as it stands in a checkout."""
     (command,) = blocks("CI smoke tests", "bash")
