@@ -161,7 +161,10 @@ _CARDS = [
     Card("H100-NVL", 99_861_594_112, 90, 132, f"{_TQ}, gls/H100NVLx2_deviceQuery.py"),
     # _CudaDeviceProperties(name='NVIDIA H200', major=9, minor=0, total_memory=143156MB,
     # multi_processor_count=132), in a Modal deployment script's comment (skywork_r1v.py): 143156 MiB.
-    Card("H200", 143156 * MiB, 90, 132, f"{_PRINTOUT} in a Modal deployment script"),
+    # MEASURED by benchmarks/gpu.sh on an H200 (driver 580.159.04, torch 2.11.0+cu130, 2026-12-04):
+    # total_memory 150109880320 B, 132 SMs, 9.0; total - free - reserved after a BERT-base training step (the
+    # context with the kernels it loaded) 785186816 B (748.81 MiB); the estimate for 132 SMs said 512 MiB.
+    Card("H200", 150109880320, 90, 132, "measured by benchmarks/gpu.sh", context_bytes=785186816),
 ]
 CARDS: Mapping[str, Card] = {c.name: c for c in _CARDS}
 """The cards :func:`card` knows, by name."""

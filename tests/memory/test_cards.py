@@ -58,7 +58,7 @@ def test_cards_are_found_by_the_name_cuda_reports_and_by_alias() -> None:
     assert card("Tesla T4").name == "T4"
     assert card("NVIDIA GeForce RTX 4090").name == "RTX-4090"
     assert card("a100").name == "A100-80GB" and card("h100").name == "H100-80GB"
-    assert card("h200").total == 143156 << 20
+    assert card("h200").total == 150_109_880_320  # measured on an H200
 
 
 def test_an_unknown_card_names_the_known_ones_and_the_way_out() -> None:
