@@ -21,7 +21,7 @@ timeout 270 python benchmarks/gpu_predict.py --json "$out/predict.json" 2>&1 | t
 if [ "$what" = predict ]; then
     exit 0
 fi
-pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
+pytest -m gpu -n 0 -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
 python benchmarks/probe.py --device cuda 2>&1 | tee "$out/probe.md"
 python benchmarks/loop.py --device cuda --rounds 5 2>&1 | tee "$out/loop.md"
 python benchmarks/survive_cuda.py --steps 6 2>&1 | tee "$out/survive.md"
