@@ -26,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,6 +47,8 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests package
 
 from autobatch.demo import DigitsCNN, load_digits_data
 from autobatch.integrations.lightning import AutoBatch
