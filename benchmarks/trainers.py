@@ -39,8 +39,6 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -54,7 +52,8 @@ from autobatch.demo import DigitsCNN, load_digits_data
 from autobatch.integrations.lightning import AutoBatch
 from autobatch.integrations.transformers import AutoBatchTrainer
 from autobatch.memory.emulate import EmulatedDevice
-from tests.hf_fixtures import MAX_LEN, VOCAB_SIZE, classification_samples, padding_collator
+from tests.hf_fixtures import bert_classifier, classification_samples, padding_collator
+from tests.integrations.pl_helpers import trainer as lightning_trainer
 
 TARGET = 32
 
@@ -95,22 +94,6 @@ class Row:
 
 
 # -- the workloads ----------------------------------------------------------------------------------------
-def bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LEN,
-        num_labels=2,
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config)
-
-
 class CNN(nn.Module):
     """autobatch's digits CNN with a Hugging Face style output (a dict with the loss)."""
 
@@ -140,7 +123,7 @@ class Workload:
 
 
 WORKLOADS = [
-    Workload("BERT", bert, lambda: classification_samples(384), padding_collator, 8 << 20),
+    Workload("BERT", bert_classifier, lambda: classification_samples(384), padding_collator, 8 << 20),
     Workload("CNN", CNN, digits, lambda: default_data_collator, 640 << 10),
 ]
 
@@ -291,20 +274,6 @@ class LitClock(pl.Callback):
             self.full_speed = time.perf_counter() - self.t0
 
 
-def lightning_trainer(callbacks: list[Any]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def lightning_tuner(w: Workload, mode: str) -> Row:
     from lightning.pytorch.tuner import Tuner, batch_size_scaling
 
@@ -312,7 +281,7 @@ def lightning_tuner(w: Workload, mode: str) -> Row:
     module, data = LitModule(w), LitData(w)
     t0 = time.perf_counter()
     clock = LitClock(t0)
-    trainer = lightning_trainer([clock])
+    trainer = lightning_trainer([clock], max_epochs=1)
     tries, real = [0], batch_size_scaling._try_loop_run
 
     def counted(*args: Any, **kwargs: Any) -> Any:
@@ -362,7 +331,7 @@ def lightning_autobatch(w: Workload) -> Row:
     t0 = time.perf_counter()
     clock, emulate = LitClock(t0), Emulate()
     callback = AutoBatch(target_batch=TARGET, memory_limit=w.limit, emulation="ideal", cache=False)
-    trainer = lightning_trainer([clock, callback, emulate])
+    trainer = lightning_trainer([clock, callback, emulate], max_epochs=1)
     trainer.fit(module, datamodule=data)
     probe = callback.probe_result
     assert probe is not None and callback.micro_batch is not None and callback.accumulate is not None

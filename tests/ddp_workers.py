@@ -177,8 +177,10 @@ def fit_indexed(
     return {**summary(result), "weights": weights(model), "seen": seen}
 
 
-def fit_oom_on_rank(rank: int, oom_rank: int, oom_call: int, n: int, **options: Any) -> dict[str, Any]:
-    """``fit`` while the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory."""
+@contextlib.contextmanager
+def oom_in_micro_step(rank: int, oom_rank: int, oom_call: int) -> Iterator[list[int]]:
+    """Inside the block, the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory;
+    yields the count of micro-steps so far (a one-item list)."""
     original, calls = Stepper.forward_backward, [0]
 
     def forward_backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
@@ -189,9 +191,15 @@ def fit_oom_on_rank(rank: int, oom_rank: int, oom_call: int, n: int, **options: 
 
     Stepper.forward_backward = forward_backward  # type: ignore[method-assign]
     try:
-        out = fit_tensors(rank, n, **options)
+        yield calls
     finally:
         Stepper.forward_backward = original  # type: ignore[method-assign]
+
+
+def fit_oom_on_rank(rank: int, oom_rank: int, oom_call: int, n: int, **options: Any) -> dict[str, Any]:
+    """``fit`` while the ``oom_call``-th micro-step of rank ``oom_rank`` (only) runs out of memory."""
+    with oom_in_micro_step(rank, oom_rank, oom_call) as calls:
+        out = fit_tensors(rank, n, **options)
     return {**out, "backward_calls": calls[0]}
 
 
@@ -448,20 +456,9 @@ def trainstep_loop(
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         model = DistributedDataParallel(net)
-    original, calls = Stepper.forward_backward, [0]
-
-    def forward_backward(self: Stepper, batch: Any, weight: float = 1.0) -> torch.Tensor:
-        calls[0] += 1
-        if rank == oom_rank and calls[0] == oom_call:
-            raise torch.OutOfMemoryError("injected")
-        return original(self, batch, weight)
-
-    Stepper.forward_backward = forward_backward  # type: ignore[method-assign]
-    try:
+    with oom_in_micro_step(rank, oom_rank, oom_call):
         step = autobatch.TrainStep(model, sgd(net), **{"precision": "fp32", "device": "cpu", **options})
         reports = [step((x, y)) for x, y in rank_loader(rank, n, per_rank, seed)]
-    finally:
-        Stepper.forward_backward = original  # type: ignore[method-assign]
     return {
         "weights": weights(model),
         "losses": [float(r) for r in reports],

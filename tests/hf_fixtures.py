@@ -82,12 +82,13 @@ def lm_collator() -> Any:
     return DataCollatorForLanguageModeling(tokenizer(), mlm=False)
 
 
-def bert_classifier(num_labels: int = 2, seed: int = 0, attn: str = "eager") -> nn.Module:
-    """A 2-layer, 32-wide BERT sequence classifier (54 k parameters), seeded."""
+def bert_classifier(num_labels: int = 2, seed: int = 0, attn: str = "eager", **config: Any) -> nn.Module:
+    """A 2-layer, 32-wide BERT sequence classifier (54 k parameters), seeded; ``config`` overrides the
+    ``BertConfig``'s other fields (dropout off, for exact comparisons)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(
+    settings = BertConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         num_hidden_layers=2,
@@ -97,16 +98,18 @@ def bert_classifier(num_labels: int = 2, seed: int = 0, attn: str = "eager") -> 
         num_labels=num_labels,
         pad_token_id=0,
         attn_implementation=attn,
+        **config,
     )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(settings)
 
 
-def gpt2_lm(seed: int = 0, attn: str = "eager") -> nn.Module:
-    """A 2-layer, 32-wide GPT-2 causal LM (62 k parameters, tied embeddings), seeded."""
+def gpt2_lm(seed: int = 0, attn: str = "eager", **config: Any) -> nn.Module:
+    """A 2-layer, 32-wide GPT-2 causal LM (62 k parameters, tied embeddings), seeded; ``config`` overrides
+    the ``GPT2Config``'s other fields."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(
+    settings = GPT2Config(
         vocab_size=VOCAB_SIZE,
         n_embd=32,
         n_layer=2,
@@ -116,8 +119,9 @@ def gpt2_lm(seed: int = 0, attn: str = "eager") -> nn.Module:
         eos_token_id=SPECIALS.index("[SEP]"),
         pad_token_id=0,
         attn_implementation=attn,
+        **config,
     )
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(settings)
     # transformers 5 derives the loss from the class name, which "GPT2LMHeadModel" does not match: it
     # would warn once and use the causal-LM loss anyway. Name it, and it says nothing.
     model.loss_type = "ForCausalLM"

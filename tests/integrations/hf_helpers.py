@@ -11,59 +11,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import TrainerCallback, TrainingArguments
 
-from tests.hf_fixtures import MAX_LEN, VOCAB_SIZE
+from tests.hf_fixtures import bert_classifier, gpt2_lm
 
 LIMIT = "8MiB"
 """Where a step of 32 of the skewed samples does not fit whole (BERT probes 9, GPT-2 2)."""
 
 
 def bert(seed: int = 0) -> nn.Module:
-    """A 2-layer, 32-wide BERT classifier (its loss ignores ``num_items_in_batch``)."""
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LEN,
-        num_labels=2,
-        pad_token_id=0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config)
+    """A 2-layer, 32-wide BERT classifier (its loss ignores ``num_items_in_batch``), dropout off."""
+    return bert_classifier(seed=seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def gpt2(seed: int = 0) -> nn.Module:
     """A 2-layer, 32-wide GPT-2 causal LM (its loss divides by ``num_items_in_batch`` from transformers 4.48;
-    before, its forward takes no loss keywords and the Trainer passes none)."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=MAX_LEN,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"
-    return model
+    before, its forward takes no loss keywords and the Trainer passes none), dropout off."""
+    return gpt2_lm(seed=seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def arguments(output_dir: Path, per_device: int = 8, accumulation: int = 4, **overrides: Any) -> Any:

@@ -5,10 +5,9 @@ The ranks' side of it (agreement, one rank failing) is in test_distributed.py; h
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -44,16 +43,6 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) ->
     return autobatch.fit(model, data(), optimizer=optimizer, **options)
 
 
-@contextlib.contextmanager
-def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    real = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, real)
-
-
 def oom_in_adam_state_init(times: int) -> Any:
     """Adam's lazy state initialisation runs out of memory ``times`` times: before anything changed."""
     real = torch.optim.Adam._init_group
@@ -76,7 +65,7 @@ def test_an_optimizer_step_that_changed_nothing_is_tried_again_and_applied_once(
     reference = mlp()
     train(reference, torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=foreach))
     model = mlp()
-    with patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
+    with mock.patch.object(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
         result = train(model, torch.optim.Adam(model.parameters(), lr=1e-2, foreach=foreach))
     assert result.optimizer_steps == 4 and result.skipped_steps == 0 and result.backoffs == []
     for name, value in weights(reference).items():
@@ -87,7 +76,7 @@ def test_an_optimizer_step_that_never_fits_stops_with_nothing_applied() -> None:
     model = mlp()
     before = weights(model)
     with (
-        patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(2)),
+        mock.patch.object(torch.optim.Adam, "_init_group", oom_in_adam_state_init(2)),
         pytest.raises(
             OptimizerStepError, match=r"step 1, also when tried again .* nothing .* was applied"
         ) as excinfo,
@@ -118,7 +107,7 @@ def test_an_optimizer_step_that_updated_part_of_the_model_is_never_applied_twice
     before = weights(model)
     sgd = importlib.import_module("torch.optim.sgd")
     with (
-        patched(sgd, "_single_tensor_sgd", half_sgd(sgd, sgd._single_tensor_sgd)),
+        mock.patch.object(sgd, "_single_tensor_sgd", half_sgd(sgd, sgd._single_tensor_sgd)),
         pytest.raises(OptimizerStepError, match=r"step 1, after it had begun to update") as excinfo,
     ):
         train(model, torch.optim.SGD(model.parameters(), lr=0.1, foreach=False))
@@ -144,7 +133,7 @@ def test_adam_counts_its_steps_before_its_fused_update_so_a_failure_there_is_par
         raise torch.OutOfMemoryError("injected after the fused update")
 
     model = mlp()
-    with patched(adam, "_fused_adam", failing), pytest.raises(OptimizerStepError) as excinfo:
+    with mock.patch.object(adam, "_fused_adam", failing), pytest.raises(OptimizerStepError) as excinfo:
         train(model, torch.optim.Adam(model.parameters(), lr=1e-2, fused=True))
     assert excinfo.value.partial is True
 
@@ -167,7 +156,7 @@ def test_an_oom_in_the_optimizer_step_of_a_probe_trial_is_a_batch_that_does_not_
     model = mlp()
     optimizer = torch.optim.Adam(model.parameters())
     with (
-        patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(10**6)),
+        mock.patch.object(torch.optim.Adam, "_init_group", oom_in_adam_state_init(10**6)),
         pytest.raises(autobatch.NoBatchFitsError),
     ):
         autobatch.probe(model, data(), optimizer=optimizer, memory_limit="1MiB")
@@ -181,7 +170,7 @@ def test_fp16_retry_does_not_unscale_twice() -> None:
         shuffle=False, device="cpu", progress=False, **options,
     )  # fmt: skip
     model = mlp()
-    with patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
+    with mock.patch.object(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
         got = autobatch.fit(
             model, data(), 32, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), micro_batch=8,
             shuffle=False, device="cpu", progress=False, **options,
@@ -269,7 +258,7 @@ def test_a_framework_update_that_changed_nothing_is_tried_again_once() -> None:
     X, y = data(8)
     s = Stepper(model, torch.optim.Adam(model.parameters(), lr=1e-2), DeviceMemory(CPU, 1 << 20), "fp32")
     outcome = run_step(s, halves(X, y), defer_update=True)
-    with patched(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
+    with mock.patch.object(torch.optim.Adam, "_init_group", oom_in_adam_state_init(1)):
         done = run_update(s, lambda: s.optimizer.step() or True, outcome.loss)
     assert done.fitted and done.retried and done.applied
     assert all(int(state["step"]) == 1 for state in s.optimizer.state.values())  # applied once

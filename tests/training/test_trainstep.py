@@ -6,15 +6,15 @@ with a reference trained the plain way: one full-batch fp32 step per batch, no a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -105,16 +105,6 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> list[int]:
     count = [0]
     optimizer.register_step_post_hook(lambda *args: count.__setitem__(0, count[0] + 1))
     return count
-
-
-@contextlib.contextmanager
-def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    real = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, real)
 
 
 class Faults:
@@ -382,7 +372,7 @@ def test_an_optimizer_step_that_changed_nothing_is_tried_again_and_applied_once(
     reference_step(reference, ref_optimizer, first)
 
     init_group, fired = oom_in_adam_state_init(1)
-    with patched(torch.optim.Adam, "_init_group", init_group):
+    with mock.patch.object(torch.optim.Adam, "_init_group", init_group):
         report = step(second)
     reference_step(reference, ref_optimizer, second)
 
@@ -398,7 +388,7 @@ def test_an_optimizer_step_that_never_fits_raises_with_nothing_applied() -> None
     before = weights(model)
     init_group, _ = oom_in_adam_state_init(2)
     with (
-        patched(torch.optim.Adam, "_init_group", init_group),
+        mock.patch.object(torch.optim.Adam, "_init_group", init_group),
         pytest.raises(OptimizerStepError, match="nothing of the step was applied") as caught,
     ):
         step(batches()[0])
@@ -420,7 +410,7 @@ def test_an_optimizer_step_that_updated_part_of_the_model_raises_partial() -> No
         raise torch.OutOfMemoryError("injected half-way through SGD")  # ...then memory runs out
 
     with (
-        patched(sgd_module, "_single_tensor_sgd", half_sgd),
+        mock.patch.object(sgd_module, "_single_tensor_sgd", half_sgd),
         pytest.raises(OptimizerStepError, match="after it had begun to update") as caught,
     ):
         step(batches()[0])
