@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from autobatch.errors import UsageTypeError, UsageValueError
@@ -26,6 +26,7 @@ __all__ = [
     "check_path",
     "check_positive_int",
     "check_positive_number",
+    "check_sample_dimension",
     "check_seed",
     "optional",
 ]
@@ -140,3 +141,16 @@ def check_device(value: Any, name: str) -> torch.device:
         raise UsageValueError(
             f"Expected `{name}` to be a device such as 'cuda', 'cuda:1' or 'cpu', but got {value!r}."
         ) from exc
+
+
+def check_sample_dimension(tensors: Sequence[torch.Tensor], name: str, samples: int | None = None) -> None:
+    """The tensors of ``name`` share their first (sample) dimension (of ``samples``, where given): cut into
+    batches or micro-batches at the same bounds, tensors that disagree would lose samples without a word."""
+    lengths = {int(t.shape[0]) if t.ndim else -1 for t in tensors}
+    if samples is not None:
+        lengths.add(samples)
+    if len(lengths) > 1 or -1 in lengths:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise UsageValueError(
+            f"Expected `{name}` tensors to share their first (sample) dimension, but got shapes {shapes}."
+        )

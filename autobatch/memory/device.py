@@ -146,13 +146,14 @@ def default_cpu_limit() -> int:
     return int(available * DEFAULT_CPU_FRACTION)
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once).
+def tensor_bytes(tensors: Iterable[torch.Tensor], block: int = 1) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once), each rounded up
+    to a multiple of ``block`` (as an allocator's blocks are).
 
     Storages are told apart by identity, not by address: fake and meta storages all report address 0.
     """
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
+    return sum(-(-n // block) * block for n in storages.values())
 
 
 @dataclass

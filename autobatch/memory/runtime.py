@@ -15,9 +15,10 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["held_outside"]
+from autobatch.memory.device import tensor_bytes
+from autobatch.memory.ledger import BLOCK_BYTES
 
-_BLOCK = 512  # the caching allocator rounds every block up to this
+__all__ = ["held_outside"]
 
 
 def held_outside(device: torch.device, known: Iterable[torch.Tensor], precision: str) -> int:
@@ -33,13 +34,8 @@ def held_outside(device: torch.device, known: Iterable[torch.Tensor], precision:
     except torch.OutOfMemoryError:  # a cap below them (a test's): the trials will say that nothing fits
         torch.cuda.empty_cache()
     torch.cuda.synchronize(device)
-    storages: dict[int, int] = {}
-    for tensor in known:
-        if tensor.device != device or tensor.is_meta:
-            continue
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = -(-storage.nbytes() // _BLOCK) * _BLOCK
-    return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
+    own = tensor_bytes((t for t in known if t.device == device), block=BLOCK_BYTES)
+    return max(0, torch.cuda.memory_allocated(device) - own)
 
 
 def _make_workspaces(device: torch.device, precision: str) -> None:

@@ -79,14 +79,14 @@ def cpu_threads(setting: int | str, device: torch.device, *, say: bool = True) -
         return
     previous = torch.get_num_threads()
     count = (previous if chosen_by_user() else 1) if setting == "auto" else int(setting)
-    if count != previous and say:
-        logger.info(
-            "running on %d CPU thread(s) instead of %d (cpu_threads=%r); pass cpu_threads=N for others",
-            count,
-            previous,
-            setting,
-        )
     if count != previous:
+        if say:
+            logger.info(
+                "running on %d CPU thread(s) instead of %d (cpu_threads=%r); pass cpu_threads=N for others",
+                count,
+                previous,
+                setting,
+            )
         torch.set_num_threads(count)
     try:
         yield count

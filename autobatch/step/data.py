@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset as _TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from autobatch.errors import UsageTypeError, UsageValueError
+from autobatch.validate import check_sample_dimension
 
 __all__ = ["DataSource", "SizeFn", "StepData", "as_source", "default_size"]
 
@@ -360,12 +361,7 @@ def as_source(data: Any, *, name: str = "data") -> DataSource:
         return _loader_source(data, name)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         tensors = tuple(data)
-        lengths = {int(t.shape[0]) if t.ndim else -1 for t in tensors}
-        if len(lengths) != 1 or -1 in lengths:
-            shapes = [tuple(t.shape) for t in tensors]
-            raise UsageValueError(
-                f"Expected `{name}` tensors to share their first (sample) dimension, but got shapes {shapes}."
-            )
+        check_sample_dimension(tensors, name)
         return DataSource(_TensorDataset(*tensors), tensors=tensors, name=name)
     if isinstance(data, tuple) and data and all(_is_array_like(v) for v in data):
         _refuse_arrays(data, name)

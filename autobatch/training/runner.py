@@ -155,10 +155,12 @@ class StepRunner:
         largest)."""
         self._nonfinite_run = 0
 
-    def plan(self, target: int | None = None) -> Plan:
-        """The plan in force now for a step of ``target`` samples over all ranks (default: the full one)."""
-        total = target or self.target_batch or self.micro * self.world_size
-        return plan(self.micro, total, self.world_size, min_chunk=self.floor)
+    def plan(self, target: int | None = None, micro: int | None = None) -> Plan:
+        """The plan for a step of ``target`` samples over all ranks (default: the full one) at ``micro``
+        (default: the micro-batch in force now)."""
+        micro = micro or self.micro
+        total = target or self.target_batch or micro * self.world_size
+        return plan(micro, total, self.world_size, min_chunk=min(self.floor, total // self.world_size))
 
     def where(self) -> str:
         """The step under way, for messages: ``epoch 1, step 3`` (and the rank, under a group)."""
@@ -413,8 +415,7 @@ class StepRunner:
         total = samples if samples % self.world_size == 0 else self.target_batch
         if not total or total % self.world_size:
             return f"{micro} per micro-step"
-        floor = min(self.floor, total // self.world_size)
-        return plan(micro, total, self.world_size, min_chunk=floor).describe()
+        return self.plan(total, micro).describe()
 
     def _backed_off(self, old: int, new: int, demand: int | None, samples: int) -> None:
         self.backoffs.append(Backoff(self.epoch, self.steps, old, new))

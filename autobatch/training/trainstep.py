@@ -39,6 +39,7 @@ from autobatch.session import bind_scheduler, resolve, resolve_model
 from autobatch.step.data import StepData, as_source
 from autobatch.step.stepper import Stepper, smallest_batch
 from autobatch.training.runner import StepRunner, chunk_bounds
+from autobatch.validate import check_sample_dimension
 
 __all__ = ["StepReport", "TrainStep"]
 
@@ -103,18 +104,6 @@ def _unbatched(batch: Any) -> Any:
         nested = batch and all(isinstance(v, (torch.Tensor, dict, tuple, list)) for v in batch)
         return [_unbatched(v) for v in batch] if nested else batch[0]
     return batch
-
-
-def _check_sample_counts(batch: Any, n: int) -> None:
-    """Every tensor of ``batch`` holds ``n`` samples along its first dimension: cut into micro-batches at
-    the same bounds, tensors that disagree would lose samples without a word."""
-    shapes = [tuple(t.shape) for t in iter_tensors(batch)]
-    if any(not shape or shape[0] != n for shape in shapes):
-        listed = ", ".join(str(list(shape)) for shape in shapes)
-        raise UsageValueError(
-            f"Expected every tensor of `batch` to hold its {n} samples along the first dimension, but got "
-            f"shapes {listed}."
-        )
 
 
 class _Batch(StepData):
@@ -256,7 +245,7 @@ class TrainStep:
             ) from None
         if n < 1:
             raise UsageValueError("Expected `batch` to hold at least one sample, but got an empty batch.")
-        _check_sample_counts(batch, n)
+        check_sample_dimension(list(iter_tensors(batch)), "batch", n)
         with cpu_threads(self.options.memory.cpu_threads, self.device, say=self._runner is None):
             runner = self._runner or self._start(batch, n)
             samples = n if self._group is None else int(self._group.sum([n])[0])
